@@ -7,6 +7,8 @@ positive; we do not).
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,9 +39,9 @@ class BinaryMetrics:
     roc_auc: float
     threshold: float
 
-    def as_dict(self) -> dict[str, float | int]:
-        """Return the metrics as an ordered plain dictionary (JSON/CSV friendly)."""
-        return dict(self.__dict__)
+    def as_dict(self) -> dict[str, float | int | None]:
+        """The metrics as an ordered plain dictionary; undefined (NaN) values become None (JSON null)."""
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in self.__dict__.items()}
 
 
 def _safe_div(num: float, den: float) -> float:

@@ -1,0 +1,138 @@
+"""Ignite handlers and engine-output helpers used by the bundle's configs."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+
+from scripts.datalist import write_json_atomic
+from scripts.metrics import binary_metrics
+from scripts.transforms import image_source
+
+__all__ = ["stack_output", "PredictionWriter", "write_csv_atomic"]
+
+logger = logging.getLogger(__name__)
+
+
+def stack_output(
+    keys: Sequence[str] = ("pred", "label"), channel: int | None = None
+) -> Callable[[Any], tuple[torch.Tensor, ...]]:
+    """An ignite ``output_transform`` that stacks decollated engine outputs into batch tensors.
+
+    MONAI engines decollate their output into a list of per-sample dicts; ignite metrics such as
+    ``Loss`` and ``Accuracy`` want ``(y_pred, y)`` batch tensors. Labels are returned as long
+    tensors of shape (B,). With ``channel``, the first key keeps only that class column, shape (B,)
+    (e.g. the motion probability for a binary ROC AUC).
+    """
+
+    def _transform(output: Any) -> tuple[torch.Tensor, ...]:
+        items = output if isinstance(output, list) else [output]
+        stacked = []
+        for key in keys:
+            values = [torch.as_tensor(item[key]) for item in items]
+            t = torch.stack(values) if values[0].ndim else torch.stack(values).reshape(-1)
+            if key == "label":
+                t = t.long().reshape(-1)
+            else:
+                t = t.float()
+                if channel is not None and not stacked:
+                    t = t[:, channel]
+            stacked.append(t)
+        return tuple(stacked)
+
+    return _transform
+
+
+def write_csv_atomic(rows: Sequence[dict[str, Any]], path: str | os.PathLike, fieldnames: Sequence[str]) -> Path:
+    """Write ``rows`` to a CSV file through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fieldnames), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+class PredictionWriter:
+    """Collect per-image motion probabilities during an evaluator run and write them at the end.
+
+    Writes ``<output_dir>/<filename>`` with columns ``image, participant_id, session_id, [label,]
+    prob_motion, prediction``, where ``prediction = int(prob_motion >= threshold)``. With
+    ``with_metrics`` (labels known), also ``metrics.json`` from :func:`scripts.metrics.binary_metrics`.
+    Files are written atomically at the end of each run, so a killed run leaves no half file.
+
+    Args:
+        output_dir: folder of the outputs.
+        filename: name of the predictions CSV.
+        prob_key: engine-output key of the per-class probabilities (after softmax).
+        motion_index: index of the motion class in those probabilities.
+        threshold: decision threshold on the motion probability.
+        with_metrics: compute and write metrics from the ``label`` of each sample.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        filename: str = "predictions.csv",
+        prob_key: str = "prob",
+        motion_index: int = 1,
+        threshold: float = 0.5,
+        with_metrics: bool = False,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.filename = filename
+        self.prob_key = prob_key
+        self.motion_index = motion_index
+        self.threshold = float(threshold)
+        self.with_metrics = with_metrics
+        self.rows: list[dict[str, Any]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self.rows = []
+
+    def _collect(self, engine: Engine) -> None:
+        outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        batch = engine.state.batch if isinstance(engine.state.batch, list) else [engine.state.batch]
+        for out, data in zip(outputs, batch):
+            prob = float(torch.as_tensor(out[self.prob_key]).reshape(-1)[self.motion_index])
+            row: dict[str, Any] = {
+                "image": image_source(data.get("image")),
+                "participant_id": data.get("participant_id", ""),
+                "session_id": data.get("session_id", ""),
+                "prob_motion": f"{prob:.6f}",
+                "prediction": int(prob >= self.threshold),
+            }
+            if self.with_metrics:
+                row["label"] = int(torch.as_tensor(data["label"]).reshape(-1)[0])
+            self.rows.append(row)
+
+    def _write(self, engine: Engine) -> None:
+        fields = ["image", "participant_id", "session_id"] + (["label"] if self.with_metrics else [])
+        fields += ["prob_motion", "prediction"]
+        path = write_csv_atomic(self.rows, self.output_dir / self.filename, fields)
+        logger.info("wrote %d predictions to %s", len(self.rows), path)
+        if self.with_metrics and self.rows:
+            metrics = binary_metrics(
+                [r["label"] for r in self.rows], [float(r["prob_motion"]) for r in self.rows], self.threshold
+            ).as_dict()
+            write_json_atomic(metrics, self.output_dir / "metrics.json")
+            summary = ", ".join(
+                f"{name} {metrics[name]:.3f}" if metrics[name] is not None else f"{name} undefined"
+                for name in ("balanced_accuracy", "sensitivity", "specificity", "roc_auc")
+            )
+            logger.info("metrics on %d images: %s", metrics["n"], summary)
