@@ -1,0 +1,185 @@
+"""The bundle's configs as MONAI workflows: properties, metadata, network I/O, export, and
+train -> evaluate -> infer end to end from the command line, at reduced spatial size."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
+
+from conftest import BUNDLE_ROOT, SMALL_SHAPE
+
+CONFIGS = BUNDLE_ROOT / "configs"
+META = str(CONFIGS / "metadata.json")
+LOGGING = str(CONFIGS / "logging.conf")
+SCHEMA = BUNDLE_ROOT.parent / "shared" / "bundle" / "meta_schema_20240725.json"
+SMALL = {"spatial_size": list(SMALL_SHAPE)}
+
+
+def _workflow(files, workflow_type, out_dir, dataset_dir, **override):
+    return ConfigWorkflow(
+        config_file=[str(CONFIGS / f) for f in files],
+        meta_file=META,
+        logging_file=LOGGING,
+        workflow_type=workflow_type,
+        bundle_root=str(out_dir),
+        dataset_dir=str(dataset_dir),
+        **SMALL,
+        **override,
+    )
+
+
+def _cli(*args: str, cwd: Path = BUNDLE_ROOT) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "monai.bundle", "run", *args, "--meta_file", META, "--logging_file", LOGGING]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.mark.parametrize(
+    "files, workflow_type",
+    [(["train.yaml"], "train"), (["train.yaml", "evaluate.yaml"], "train"), (["inference.yaml"], "infer")],
+)
+def test_check_properties(files, workflow_type, small_demo, tmp_path):
+    wf = _workflow(files, workflow_type, tmp_path, small_demo)
+    wf.initialize()
+    assert wf.check_properties() == []
+
+
+def test_run_and_training_ids_are_the_same():
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.yaml"))
+    parser.resolve_macro_and_relative_ids()
+    assert parser["training"] == parser["run"] == ["$@train::trainer.run()"]
+
+
+def test_verify_metadata_offline():
+    if not SCHEMA.is_file():
+        pytest.skip(f"offline schema copy not found at {SCHEMA}")
+    verify_metadata(meta_file=META, filepath=str(SCHEMA))
+    meta = json.loads(Path(META).read_text())
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "no_motion", "1": "motion"}
+    assert meta["version"] in meta["changelog"]
+    assert "background" not in meta["network_data_format"]["outputs"]["pred"]["channel_def"].values()
+
+
+def test_verify_net_in_out_full_size():
+    verify_net_in_out(net_id="network_def", meta_file=META, config_file=str(CONFIGS / "inference.yaml"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def trained(small_demo, tmp_path_factory) -> Path:
+    """Train 2 epochs from the command line (`run training`) into a temporary bundle root."""
+    out = tmp_path_factory.mktemp("bundle_out")
+    _cli(
+        "training",
+        "--config_file", "configs/train.yaml",
+        "--bundle_root", str(out),
+        "--dataset_dir", str(small_demo),
+        "--spatial_size", str(list(SMALL_SHAPE)),
+        "--train#trainer#max_epochs", "2",
+        "--batch_size", "4",
+        "--num_workers", "0",
+    )
+    return out
+
+
+def test_training_writes_a_plain_state_dict(trained):
+    model = trained / "models" / "model.pt"
+    assert model.is_file()
+    state = torch.load(model, map_location="cpu", weights_only=True)
+    assert "fc.6.weight" in state and state["fc.6.weight"].shape == (2, 50)
+    assert any(p.name.startswith("events.out.tfevents") for p in (trained / "eval").iterdir())
+
+
+def test_evaluate_writes_predictions_and_metrics(trained, small_demo):
+    _cli(
+        "--config_file", "['configs/train.yaml','configs/evaluate.yaml']",
+        "--bundle_root", str(trained),
+        "--dataset_dir", str(small_demo),
+        "--spatial_size", str(list(SMALL_SHAPE)),
+        "--num_workers", "0",
+    )
+    with (trained / "eval" / "test" / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    test_items = json.loads((small_demo / "datalist.json").read_text())["test"]
+    assert len(rows) == len(test_items)
+    assert list(rows[0]) == ["image", "participant_id", "session_id", "label", "prob_motion", "prediction"]
+    for r in rows:
+        p = float(r["prob_motion"])
+        assert 0.0 <= p <= 1.0 and int(r["prediction"]) == int(p >= 0.5) and r["label"] in {"0", "1"}
+        assert Path(r["image"]).is_file() and r["participant_id"].startswith("sub-R")
+    metrics = json.loads((trained / "eval" / "test" / "metrics.json").read_text())
+    assert metrics["n"] == len(rows)
+    for key in ("balanced_accuracy", "sensitivity", "specificity", "roc_auc"):
+        value = metrics[key]
+        assert value is None or (math.isfinite(value) and 0.0 <= value <= 1.0)
+    assert metrics["balanced_accuracy"] is not None
+
+
+def test_inference_on_folder_and_single_file(trained, small_demo):
+    _cli(
+        "--config_file", "configs/inference.yaml",
+        "--bundle_root", str(trained),
+        "--input", str(small_demo),
+        "--spatial_size", str(list(SMALL_SHAPE)),
+        "--num_workers", "0",
+    )
+    with (trained / "eval" / "inference" / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(list(small_demo.rglob("*.nii.gz")))
+    assert list(rows[0]) == ["image", "participant_id", "session_id", "prob_motion", "prediction"]
+    assert all(0.0 <= float(r["prob_motion"]) <= 1.0 for r in rows)
+    one = rows[0]["image"]
+    out_one = trained / "one"
+    _cli(
+        "--config_file", "configs/inference.yaml",
+        "--bundle_root", str(trained),
+        "--output_dir", str(out_one),
+        "--input", one,
+        "--spatial_size", str(list(SMALL_SHAPE)),
+        "--num_workers", "0",
+    )
+    with (out_one / "predictions.csv").open() as f:
+        single = list(csv.DictReader(f))
+    assert len(single) == 1 and single[0]["image"] == one
+    assert float(single[0]["prob_motion"]) == pytest.approx(float(rows[0]["prob_motion"]), abs=1e-5)
+
+
+def test_inference_postprocessing_keeps_probabilities(trained, small_demo):
+    wf = _workflow(["inference.yaml"], "infer", trained, small_demo)
+    wf.initialize()
+    post = wf.parser.get_parsed_content("postprocessing")
+    out = post({"pred": torch.tensor([0.3, -1.2])})["pred"]
+    assert out.shape == (2,) and float(out.sum()) == pytest.approx(1.0)  # softmax, no argmax
+
+
+def test_ckpt_export_matches_pytorch(trained, tmp_path):
+    ts_path = tmp_path / "model.ts"
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(ts_path),
+        ckpt_file=str(trained / "models" / "model.pt"),
+        meta_file=META,
+        config_file=str(CONFIGS / "inference.yaml"),
+        bundle_root=str(trained),
+        **SMALL,
+    )
+    scripted = torch.jit.load(str(ts_path))
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.yaml"))
+    parser.update(SMALL)
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True))
+    net.eval()
+    x = torch.randn(2, 1, *SMALL_SHAPE)
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), net(x), atol=1e-5)
