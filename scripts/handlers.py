@@ -13,10 +13,10 @@ import torch
 from ignite.engine import Engine, Events
 
 from scripts.datalist import write_json_atomic
-from scripts.metrics import binary_metrics
+from scripts.metrics import binary_metrics, evaluation_statistics, save_roc_plot, write_threshold
 from scripts.transforms import image_source
 
-__all__ = ["stack_output", "PredictionWriter", "write_csv_atomic"]
+__all__ = ["stack_output", "PredictionWriter", "EvaluationWriter", "write_csv_atomic"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,3 +136,69 @@ class PredictionWriter:
                 for name in ("balanced_accuracy", "sensitivity", "specificity", "roc_auc")
             )
             logger.info("metrics on %d images: %s", metrics["n"], summary)
+
+
+class EvaluationWriter(PredictionWriter):
+    """:class:`PredictionWriter` plus the statistics of the papers, for labelled evaluation runs.
+
+    Besides ``predictions.csv`` and ``metrics.json`` it writes, in ``output_dir``:
+
+    - ``statistics.json``: percentile bootstrap confidence intervals of balanced accuracy,
+      sensitivity, specificity and ROC AUC (motion positive), expected calibration error of the
+      motion probability, and a threshold choice;
+    - ``roc.png``: the ROC curve with the AUC and the operating point of ``threshold``;
+    - ``threshold.json``: the chosen threshold (Youden, or the best sensitivity at a fixed
+      specificity), which inference reads with ``scripts.metrics.read_threshold``. Choose it on the
+      validation split and apply it to the test split.
+
+    Args:
+        n_bootstrap: bootstrap resamples. confidence: interval level (0.95).
+        bootstrap_unit: ``"image"`` or ``"participant"`` (resample whole participants).
+        seed: bootstrap seed. ece_bins: calibration bins.
+        threshold_method: ``"youden"`` or ``"specificity"``. target_specificity: for the latter.
+        Other arguments as :class:`PredictionWriter` (``with_metrics`` is forced on).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        filename: str = "predictions.csv",
+        prob_key: str = "prob",
+        motion_index: int = 1,
+        threshold: float = 0.5,
+        n_bootstrap: int = 1000,
+        confidence: float = 0.95,
+        bootstrap_unit: str = "image",
+        seed: int = 0,
+        ece_bins: int = 10,
+        threshold_method: str = "youden",
+        target_specificity: float = 0.9,
+    ) -> None:
+        super().__init__(output_dir, filename, prob_key, motion_index, threshold, with_metrics=True)
+        if bootstrap_unit not in ("image", "participant"):
+            raise ValueError(f"bootstrap_unit must be 'image' or 'participant', got {bootstrap_unit!r}.")
+        self.n_bootstrap = int(n_bootstrap)
+        self.confidence = float(confidence)
+        self.bootstrap_unit = bootstrap_unit
+        self.seed = int(seed)
+        self.ece_bins = int(ece_bins)
+        self.threshold_method = threshold_method
+        self.target_specificity = float(target_specificity)
+
+    def _write(self, engine: Engine) -> None:
+        super()._write(engine)
+        if not self.rows:
+            return
+        labels = [r["label"] for r in self.rows]
+        probs = [float(r["prob_motion"]) for r in self.rows]
+        groups = [r["participant_id"] or r["image"] for r in self.rows] if self.bootstrap_unit == "participant" else None
+        statistics = evaluation_statistics(
+            labels, probs, self.threshold, self.n_bootstrap, self.confidence, self.seed, groups,
+            self.ece_bins, self.threshold_method, self.target_specificity,
+        )
+        write_json_atomic(statistics, self.output_dir / "statistics.json")
+        if statistics["threshold_selection"] is not None:
+            write_threshold(statistics["threshold_selection"], self.output_dir / "threshold.json")
+        roc = save_roc_plot(labels, probs, self.output_dir / "roc.png", threshold=self.threshold)
+        logger.info("statistics (bootstrap CIs, ECE %.3f, threshold choice) written to %s%s", statistics["ece"],
+                    self.output_dir, "" if roc else " (no ROC plot: one class only)")

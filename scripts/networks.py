@@ -13,9 +13,19 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from monai.networks.layers.factories import Act, Conv, Dropout, Norm, Pool
+from monai.networks.nets import ViT
 from torch import nn
 
-__all__ = ["PadMaxPool3d", "Conv5FC3", "classifier_head_names"]
+__all__ = [
+    "PadMaxPool3d",
+    "Conv5FC3",
+    "ResidualBlock3D",
+    "ResNet3D",
+    "SECNN",
+    "ViT3D",
+    "classifier_head_names",
+    "feature_block_names",
+]
 
 
 class PadMaxPool3d(nn.Module):
@@ -107,6 +117,11 @@ class Conv5FC3(nn.Module):
             )
         return self.fc(self.convolutions(x))
 
+    @property
+    def block_modules(self) -> tuple[tuple[str, ...], ...]:
+        """Parameterised modules of each convolution block, first to last (conv and BatchNorm)."""
+        return tuple((f"convolutions.{4 * i}", f"convolutions.{4 * i + 1}") for i in range(len(self.convolutions) // 4))
+
 
 def classifier_head_names(network: nn.Module) -> tuple[str, ...]:
     """Names of the submodules forming ``network``'s classifier head (used to select what fine-tuning trains)."""
@@ -114,3 +129,252 @@ def classifier_head_names(network: nn.Module) -> tuple[str, ...]:
     if not names:
         raise ValueError(f"{type(network).__name__} does not declare its classifier head (`head_modules`).")
     return tuple(names)
+
+
+def feature_block_names(network: nn.Module) -> tuple[tuple[str, ...], ...]:
+    """Module names of ``network``'s feature blocks, first to last, one tuple of names per block.
+
+    Used to unfreeze "the last n blocks" on top of the classifier head in fine-tuning.
+    """
+    blocks = getattr(network, "block_modules", None)
+    if blocks is None:
+        raise ValueError(f"{type(network).__name__} does not declare its feature blocks (`block_modules`).")
+    return tuple(tuple(b) if not isinstance(b, str) else (b,) for b in blocks)
+
+
+class SqueezeExcitation3D(nn.Module):
+    """Channel attention: global average pool -> Linear(C, C/r) -> ReLU -> Linear(C/r, C) -> sigmoid -> scale."""
+
+    def __init__(self, channels: int, reduction: int = 8) -> None:
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Rescale the channels of a (B, C, X, Y, Z) tensor by weights in (0, 1)."""
+        w = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3, 4))))))
+        return x * w[:, :, None, None, None]
+
+
+class ResidualBlock3D(nn.Module):
+    """``Conv3d(k3, no bias) -> BN -> act -> Conv3d(k3, no bias) -> BN [-> SE] (+ 1x1x1 conv shortcut) -> act -> MaxPool3d(3, 2)``.
+
+    The block of ClinicaDL's ResNet3D (ELU, no squeeze-excitation) and SE-CNN (ReLU, squeeze-excitation
+    after the second BatchNorm, before the residual addition). A spatial size ``n`` becomes
+    ``floor((n - 3) / 2) + 1``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, act: str = "elu", squeeze_excitation: bool = False) -> None:
+        super().__init__()
+        act_type = Act[act]
+        self.conv1 = nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm3d(out_channels)
+        self.act1 = act_type()
+        self.conv2 = nn.Conv3d(out_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm3d(out_channels)
+        self.se_block = SqueezeExcitation3D(out_channels) if squeeze_excitation else None
+        self.shortcut = nn.Sequential(nn.Conv3d(in_channels, out_channels, kernel_size=1, bias=False))
+        self.act2 = act_type()
+        self.pool = nn.MaxPool3d(kernel_size=3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, X, Y, Z) -> (B, C_out, floor((X-3)/2)+1, ...)."""
+        out = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+        if self.se_block is not None:
+            out = self.se_block(out)
+        return self.pool(self.act2(out + self.shortcut(x)))
+
+
+class _ResidualCNN(nn.Module):
+    """Shared skeleton of :class:`ResNet3D` and :class:`SECNN`: residual blocks, flatten, two-layer head."""
+
+    head_modules: tuple[str, ...] = ("fc",)
+    _act = "elu"
+    _se = False
+
+    def __init__(self, input_size: Sequence[int], in_channels: int, num_classes: int, channels: Sequence[int]) -> None:
+        super().__init__()
+        if len(input_size) != 3:
+            raise ValueError(f"{type(self).__name__} expects a 3D input size, got {tuple(input_size)}.")
+        self.input_size = tuple(int(s) for s in input_size)
+        reduced = list(self.input_size)
+        for _ in channels:
+            reduced = [(s - 3) // 2 + 1 for s in reduced]
+        if min(reduced) < 1:
+            raise ValueError(
+                f"{type(self).__name__} with {len(channels)} blocks needs inputs of at least 63 voxels a side "
+                f"(each block pools with kernel 3, stride 2); got {self.input_size}. Use fewer `channels` for small inputs."
+            )
+        blocks, prev = [], in_channels
+        for ch in channels:
+            blocks.append(ResidualBlock3D(prev, ch, act=self._act, squeeze_excitation=self._se))
+            prev = ch
+        self.features = nn.Sequential(*blocks)
+        self.flattened_size = prev * math.prod(reduced)
+        self.fc = self._head(self.flattened_size, num_classes)
+
+    def _head(self, n_in: int, num_classes: int) -> nn.Sequential:
+        raise NotImplementedError
+
+    @property
+    def block_modules(self) -> tuple[tuple[str, ...], ...]:
+        return tuple((f"features.{i}",) for i in range(len(self.features)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map a (B, C, X, Y, Z) batch (X, Y, Z = ``input_size``) to (B, num_classes) logits."""
+        if tuple(x.shape[2:]) != self.input_size:
+            raise ValueError(
+                f"{type(self).__name__} was built for inputs of spatial size {list(self.input_size)}, got "
+                f"{list(x.shape[2:])}; set the network's input_size (config key `spatial_size`) to the image size."
+            )
+        return self.fc(self.features(x))
+
+
+class ResNet3D(_ResidualCNN):
+    """ClinicaDL's ResNet3D (Loizillon et al., METHOD.md §4.2).
+
+    Five :class:`ResidualBlock3D` with ELU (channels 8, 16, 32, 64, 128), then ``Flatten ->
+    Linear(n, 256) -> ELU -> Dropout(0.8) -> Linear(256, num_classes)``. At 1x169x208x179 the blocks
+    give 128x4x5x4 = 10,240 features and the network has 3,517,314 parameters (body 895,104, head
+    2,622,210). Head keys ``fc.1``, ``fc.4``; block keys ``features.{0..4}.*``.
+
+    Args:
+        input_size: spatial size (X, Y, Z) of the input (at least 63 a side with five blocks).
+        in_channels: input channels. num_classes: output logits.
+        dropout: dropout of the head (0.8 in ClinicaDL, which ignores its ``dropout`` argument here).
+        channels: output channels of the blocks (fewer blocks allow smaller test inputs).
+    """
+
+    _act = "elu"
+    _se = False
+
+    def __init__(
+        self,
+        input_size: Sequence[int] = (169, 208, 179),
+        in_channels: int = 1,
+        num_classes: int = 2,
+        dropout: float = 0.8,
+        channels: Sequence[int] = (8, 16, 32, 64, 128),
+    ) -> None:
+        self._dropout = float(dropout)
+        super().__init__(input_size, in_channels, num_classes, channels)
+
+    def _head(self, n_in: int, num_classes: int) -> nn.Sequential:
+        return nn.Sequential(nn.Flatten(), nn.Linear(n_in, 256), nn.ELU(), nn.Dropout(self._dropout), nn.Linear(256, num_classes))
+
+
+class SECNN(_ResidualCNN):
+    """ClinicaDL's squeeze-excitation CNN (``SqueezeExcitationCNN`` / ``SE_CNN``, METHOD.md §4.3).
+
+    Five :class:`ResidualBlock3D` with ReLU and a squeeze-excitation block (reduction 8) before the
+    residual addition, then ``Flatten -> Dropout(0.5) -> Linear(n, 256) -> ReLU -> Linear(256,
+    num_classes)``. At 1x169x208x179: 3,523,049 parameters (body 900,839, head 2,622,210). Head keys
+    ``fc.2``, ``fc.4``.
+    """
+
+    _act = "relu"
+    _se = True
+
+    def __init__(
+        self,
+        input_size: Sequence[int] = (169, 208, 179),
+        in_channels: int = 1,
+        num_classes: int = 2,
+        dropout: float = 0.5,
+        channels: Sequence[int] = (8, 16, 32, 64, 128),
+    ) -> None:
+        self._dropout = float(dropout)
+        super().__init__(input_size, in_channels, num_classes, channels)
+
+    def _head(self, n_in: int, num_classes: int) -> nn.Sequential:
+        return nn.Sequential(nn.Flatten(), nn.Dropout(self._dropout), nn.Linear(n_in, 256), nn.ReLU(), nn.Linear(256, num_classes))
+
+
+class ViT3D(nn.Module):
+    """A 3D vision transformer with the patch layout of Loizillon et al.'s ViT (METHOD.md §4.4), on MONAI's ``ViT``.
+
+    The input is cut into a grid of ``patch_grid`` non-overlapping patches (3x4x3 = 36 patches by
+    default): the patch size is ``input_size // patch_grid`` per axis and the input is first cropped
+    to ``patch_size * patch_grid`` voxels from the low-index corner. At 169x208x179 that is the
+    authors' crop to 168x208x177 and patches of 56x52x59 voxels. Patches are embedded by a linear
+    layer (``proj_type="perceptron"``), a learnable class token is prepended, ``num_layers`` pre-norm
+    transformer blocks follow (no qkv bias, no dropout), and the class token goes through
+    ``LayerNorm -> Linear(hidden_size, num_classes)``, returned as logits (no Tanh).
+
+    Choices (documented in docs/transfer_learning.md): position embedding and class token are
+    learnable (the "clean" port, MONAI's initialisation; the authors' GPU runs used fixed random
+    tensors); the class token gets no position embedding (MONAI); the attention scale is
+    ``head_dim**-0.5`` by default, or the authors' ``hidden_size**-0.5`` with ``attention_scale="model"``.
+    At full size with the defaults: 226,367,490 parameters, of which 12,288 (the cross-attention
+    LayerNorms MONAI allocates in every block) are unused.
+
+    Args:
+        input_size: spatial size (X, Y, Z) of the input.
+        in_channels, num_classes: input channels and output logits.
+        patch_grid: number of patches along X, Y, Z.
+        hidden_size, mlp_dim, num_layers, num_heads: transformer dimensions (1024, 2048, 6, 16).
+        dropout: dropout rate inside the transformer (0).
+        attention_scale: ``"head"`` (head_dim^-1/2, standard) or ``"model"`` (hidden_size^-1/2, the authors').
+    """
+
+    head_modules: tuple[str, ...] = ("vit.norm", "vit.classification_head")
+
+    def __init__(
+        self,
+        input_size: Sequence[int] = (169, 208, 179),
+        in_channels: int = 1,
+        num_classes: int = 2,
+        patch_grid: Sequence[int] = (3, 4, 3),
+        hidden_size: int = 1024,
+        mlp_dim: int = 2048,
+        num_layers: int = 6,
+        num_heads: int = 16,
+        dropout: float = 0.0,
+        attention_scale: str = "head",
+    ) -> None:
+        super().__init__()
+        if len(input_size) != 3 or len(patch_grid) != 3:
+            raise ValueError(f"ViT3D expects 3D input_size and patch_grid, got {tuple(input_size)}, {tuple(patch_grid)}.")
+        self.input_size = tuple(int(s) for s in input_size)
+        self.patch_size = tuple(s // g for s, g in zip(self.input_size, patch_grid))
+        if min(self.patch_size) < 1:
+            raise ValueError(f"patch grid {tuple(patch_grid)} is finer than the input {self.input_size}.")
+        self.crop_size = tuple(p * g for p, g in zip(self.patch_size, patch_grid))
+        self.vit = ViT(
+            in_channels=in_channels,
+            img_size=self.crop_size,
+            patch_size=self.patch_size,
+            hidden_size=hidden_size,
+            mlp_dim=mlp_dim,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            proj_type="perceptron",
+            pos_embed_type="learnable",
+            classification=True,
+            num_classes=num_classes,
+            dropout_rate=dropout,
+            spatial_dims=3,
+            post_activation=None,
+            qkv_bias=False,
+        )
+        if attention_scale == "model":
+            for block in self.vit.blocks:
+                block.attn.scale = hidden_size**-0.5
+        elif attention_scale != "head":
+            raise ValueError(f"attention_scale must be 'head' or 'model', got {attention_scale!r}.")
+
+    @property
+    def block_modules(self) -> tuple[tuple[str, ...], ...]:
+        return tuple((f"vit.blocks.{i}",) for i in range(len(self.vit.blocks)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map a (B, C, X, Y, Z) batch (X, Y, Z = ``input_size``) to (B, num_classes) logits."""
+        if tuple(x.shape[2:]) != self.input_size:
+            raise ValueError(
+                f"ViT3D was built for inputs of spatial size {list(self.input_size)}, got {list(x.shape[2:])}; "
+                "set the network's input_size (config key `spatial_size`) to the image size."
+            )
+        cx, cy, cz = self.crop_size
+        logits, _ = self.vit(x[:, :, :cx, :cy, :cz])
+        return logits

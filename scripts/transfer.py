@@ -1,0 +1,337 @@
+"""Transfer learning: loading pre-trained weights, freezing all but the classifier head, BatchNorm mode,
+the clinical demo dataset, and the cross-validation driver.
+
+Fine-tuning (configs/finetune.yaml) calls :func:`prepare_finetuning` on the freshly built network:
+load the stage-1 state dict, set ``requires_grad`` so that only the classifier head (selected by
+module name, :func:`scripts.networks.classifier_head_names`) and optionally the last ``n`` feature
+blocks train, and choose whether BatchNorm running statistics keep updating (``bn_mode="update"``,
+what the authors' code did because the whole model was in train mode) or stay at their pre-trained
+values (``bn_mode="frozen"``). The optimiser in train.yaml already receives only parameters with
+``requires_grad``.
+
+Command line (cross-validation of any config list, and rater agreement)::
+
+    python -m scripts.transfer agreement ratings.tsv --task mov01vs2 --output agreement.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from scripts.networks import classifier_head_names, feature_block_names
+
+__all__ = [
+    "BN_MODES",
+    "load_pretrained",
+    "freeze_all_but",
+    "freeze_batchnorm_statistics",
+    "trainable_module_names",
+    "prepare_finetuning",
+    "count_parameters",
+    "ensure_clinical_dataset",
+    "bundle_config_dir",
+    "run_cross_validation",
+]
+
+logger = logging.getLogger(__name__)
+
+BN_MODES = ("update", "frozen")
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def load_pretrained(
+    network: nn.Module,
+    path: str | os.PathLike,
+    strict: bool = True,
+    skip_mismatched: bool = False,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """Load a plain state dict (``models/model.pt``, ``weights_only=True``) into ``network``.
+
+    Args:
+        network: the freshly built network.
+        path: the state dict file (a dict of tensors, or a dict with a ``model`` / ``state_dict`` entry).
+        strict: every key must match (as ClinicaDL's CNN-to-CNN transfer did).
+        skip_mismatched: leave out tensors whose shape differs (e.g. a head with another number of
+            classes); they keep their fresh initialisation. Implies non-strict loading of those keys.
+        map_location: where tensors are loaded.
+
+    Raises:
+        FileNotFoundError: no file at ``path``. ValueError: the file holds no state dict, or keys or
+        shapes do not match (the message lists them).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"pre-trained weights {path} do not exist; run stage 1 (configs/train.yaml) first or set `pretrained_path`."
+        )
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if isinstance(state, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+        state = state.get("model", state.get("state_dict", state))
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} does not hold a state dict.")
+    own = network.state_dict()
+    if skip_mismatched:
+        skipped = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+        state = {k: v for k, v in state.items() if k not in skipped}
+        if skipped:
+            logger.info("not loading %d tensors of other shape: %s", len(skipped), skipped)
+    else:
+        wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+        if wrong:
+            raise ValueError(f"{path}: tensors of other shape than the network's (was it trained at another spatial_size?): {wrong[:5]}")
+    result = network.load_state_dict(state, strict=strict and not skip_mismatched)
+    if strict and not skip_mismatched and (result.missing_keys or result.unexpected_keys):
+        raise ValueError(f"{path}: missing keys {result.missing_keys[:5]}, unexpected keys {result.unexpected_keys[:5]}")
+    logger.info("loaded pre-trained weights from %s", path)
+    return network
+
+
+def _is_under(name: str, prefixes: Sequence[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def freeze_all_but(network: nn.Module, trainable: Sequence[str]) -> list[str]:
+    """Set ``requires_grad`` True for the parameters under the modules named in ``trainable``, False elsewhere.
+
+    Returns the names of the trainable parameters. Raises ValueError if a name is not a submodule.
+    """
+    modules = dict(network.named_modules())
+    unknown = [n for n in trainable if n not in modules]
+    if unknown:
+        raise ValueError(f"{type(network).__name__} has no submodule(s) {unknown}; its modules include {list(modules)[1:12]}.")
+    names = []
+    for name, param in network.named_parameters():
+        param.requires_grad_(_is_under(name, trainable))
+        if param.requires_grad:
+            names.append(name)
+    return names
+
+
+def _eval_only_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    """``train()`` of a BatchNorm whose statistics are frozen: the layer always stays in eval mode."""
+    return nn.Module.train(self, False)
+
+
+_FROZEN_BN_CLASSES: dict[type, type] = {}
+
+
+def freeze_batchnorm_statistics(network: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
+    """Keep BatchNorm layers (outside the modules in ``exclude``) in eval mode, even under ``network.train()``.
+
+    Their running mean and variance then stay at the pre-trained values and normalisation uses them
+    in training too. Implemented by switching each layer to a subclass whose ``train()`` always
+    selects eval mode, so state-dict keys and pickling are unchanged. Returns the layers' names.
+    """
+    names = []
+    for name, module in network.named_modules():
+        if isinstance(module, _BN_TYPES) and not _is_under(name, exclude):
+            cls = type(module)
+            if cls not in _FROZEN_BN_CLASSES.values():
+                frozen = _FROZEN_BN_CLASSES.setdefault(cls, type(f"StatsFrozen{cls.__name__}", (cls,), {"train": _eval_only_train}))
+                module.__class__ = frozen
+            module.train(False)
+            names.append(name)
+    return names
+
+
+def trainable_module_names(
+    network: nn.Module, trainable: Sequence[str] | None = None, n_last_blocks: int = 0
+) -> tuple[str, ...]:
+    """Modules to train: ``trainable`` (default: the network's classifier head) plus its last ``n_last_blocks`` feature blocks."""
+    names = list(trainable) if trainable else list(classifier_head_names(network))
+    if n_last_blocks:
+        blocks = feature_block_names(network)
+        if n_last_blocks > len(blocks):
+            raise ValueError(f"n_last_blocks={n_last_blocks} but {type(network).__name__} has {len(blocks)} blocks.")
+        for block in blocks[len(blocks) - n_last_blocks :]:
+            names.extend(block)
+    return tuple(names)
+
+
+def prepare_finetuning(
+    network: nn.Module,
+    pretrained_path: str | os.PathLike | None = None,
+    trainable: Sequence[str] | None = None,
+    n_last_blocks: int = 0,
+    bn_mode: str = "update",
+    full: bool = False,
+    skip_mismatched: bool = False,
+) -> nn.Module:
+    """Load stage-1 weights into ``network`` and freeze everything but the classifier head.
+
+    Args:
+        network: the network built from ``network_def``.
+        pretrained_path: stage-1 state dict; None trains from the fresh initialisation (the
+            "from scratch" row; use it with ``full=True``).
+        trainable: module names to train; default: the network's classifier head (``head_modules``;
+            Conv5FC3: ``fc``, its three linear layers).
+        n_last_blocks: also train the last n feature blocks.
+        bn_mode: ``"update"`` (default, as the authors' code: BatchNorm running statistics keep
+            updating in training although BN weights are frozen) or ``"frozen"`` (BN layers outside
+            the trained modules stay in eval mode).
+        full: train every parameter (full fine-tuning / training from scratch); ``trainable`` and
+            ``n_last_blocks`` are then ignored.
+        skip_mismatched: see :func:`load_pretrained`.
+
+    Returns:
+        the same network, ready for ``[p for p in network.parameters() if p.requires_grad]``.
+    """
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}.")
+    if pretrained_path:
+        load_pretrained(network, pretrained_path, skip_mismatched=skip_mismatched)
+    if full:
+        for p in network.parameters():
+            p.requires_grad_(True)
+        modules: tuple[str, ...] = ("",)
+    else:
+        modules = trainable_module_names(network, trainable, n_last_blocks)
+        freeze_all_but(network, modules)
+    if bn_mode == "frozen" and not full:
+        freeze_batchnorm_statistics(network, exclude=modules)
+    n_train, n_all = count_parameters(network, trainable_only=True), count_parameters(network)
+    logger.info("fine-tuning %s: %d of %d parameters trainable (%s), BatchNorm statistics %s",
+                type(network).__name__, n_train, n_all, "all" if full else ", ".join(modules), bn_mode)
+    return network
+
+
+def count_parameters(network: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (optionally only those with ``requires_grad``)."""
+    return sum(p.numel() for p in network.parameters() if p.requires_grad or not trainable_only)
+
+
+def ensure_clinical_dataset(
+    dataset_dir: str | os.PathLike,
+    n_participants: int = 30,
+    seed: int = 1,
+    voxel_size: float = 1.0,
+) -> Path:
+    """Return ``<dataset_dir>/ratings.tsv``, generating the clinical demo there when the folder is empty or missing.
+
+    A folder with a ``ratings.tsv`` is used as it is (your own clinical data). A non-empty folder
+    without one is an error rather than a place to write demo files into.
+    """
+    from scripts.demo import make_clinical_demo
+
+    root = Path(dataset_dir)
+    tsv = root / "ratings.tsv"
+    if tsv.is_file():
+        return tsv
+    marker = root / ".generating"
+    if root.exists() and any(p.name != ".generating" for p in root.iterdir()):
+        if not marker.exists():
+            raise FileNotFoundError(
+                f"clinical dataset_dir {root} has no ratings.tsv (columns participant_id, session_id, image, "
+                "rater_1, ...); write one, or point dataset_dir at an empty or missing folder to generate the demo."
+            )
+        shutil.rmtree(root)  # an interrupted generation: start again
+    root.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    logger.info("generating the clinical demo (%d participants, %.1f mm) in %s", n_participants, voxel_size, root)
+    make_clinical_demo(root, n_participants=n_participants, seed=seed, voxel_size=voxel_size)
+    marker.unlink()
+    return tsv
+
+
+def bundle_config_dir() -> Path:
+    """The bundle's ``configs`` folder (next to the ``scripts`` package)."""
+    return Path(__file__).resolve().parents[1] / "configs"
+
+
+def _run_workflow(files: Sequence[str | os.PathLike], overrides: Mapping[str, Any]) -> None:
+    from monai.bundle import ConfigWorkflow
+
+    cdir = bundle_config_dir()
+    files = [str(f if Path(f).is_absolute() or Path(f).exists() else cdir / f) for f in files]
+    wf = ConfigWorkflow(config_file=files, workflow_type=None, **dict(overrides))
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+
+
+def run_cross_validation(
+    train_configs: Sequence[str] | None,
+    eval_configs: Sequence[str],
+    n_folds: int,
+    output_dir: str | os.PathLike,
+    overrides: Mapping[str, Any] | None = None,
+    max_epochs: int | None = None,
+    eval_splits: Sequence[str] = ("validation", "test"),
+    folds: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Train (optionally) and evaluate one Table-IV row on each fold, then aggregate mean ± std like Table II.
+
+    For fold k the configs run with ``fold=k`` plus ``overrides``; evaluation runs once per split in
+    ``eval_splits`` with ``eval_split`` set and writes ``<output_dir of the row>/<split>/metrics.json``
+    (the evaluate overlay's ``eval_dir``). The per-fold metrics are collected into
+    ``<output_dir>/cv_folds.csv`` and the mean ± std into ``<output_dir>/cv_summary.json``.
+
+    Args:
+        train_configs: config files of the training run (e.g. train.yaml + finetune.yaml), or
+            None/empty for a row without training (research-only).
+        eval_configs: config files of the evaluation run (the same + evaluate.yaml).
+        n_folds: number of folds K.
+        output_dir: where the summary goes.
+        overrides: config overrides shared by all runs (bundle_root, dataset_dir, ...).
+        max_epochs: overrides ``train#trainer#max_epochs`` when given.
+        eval_splits: datalist splits evaluated per fold.
+        folds: run only these folds (default all).
+    """
+    from scripts.metrics import summarise_folds
+
+    overrides = dict(overrides or {})
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for fold in folds if folds is not None else range(n_folds):
+        fold_over = {**overrides, "fold": int(fold), "n_folds": int(n_folds)}
+        if train_configs:
+            train_over = dict(fold_over)
+            if max_epochs is not None:
+                train_over["train#trainer#max_epochs"] = int(max_epochs)
+            logger.info("cross-validation: training fold %d", fold)
+            _run_workflow(train_configs, train_over)
+        for split in eval_splits:
+            eval_dir = out / f"fold-{fold}" / split
+            logger.info("cross-validation: evaluating fold %d on %s", fold, split)
+            _run_workflow(eval_configs, {**fold_over, "eval_split": split, "eval_dir": str(eval_dir)})
+            metrics = json.loads((eval_dir / "metrics.json").read_text())
+            stats_file = eval_dir / "statistics.json"
+            if stats_file.is_file():
+                metrics["ece"] = json.loads(stats_file.read_text()).get("ece")
+            rows.append({"fold": int(fold), "split": split, **metrics})
+    summary = summarise_folds(rows, out)
+    logger.info("cross-validation summary written to %s", out / "cv_summary.json")
+    return summary
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+    from scripts.datalist import rater_agreement, read_ratings, write_json_atomic
+
+    parser = argparse.ArgumentParser(description="Transfer-learning study utilities.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    agree = sub.add_parser("agreement", help="rater agreement (weighted kappa, BA vs consensus): the manual-annotation row")
+    agree.add_argument("ratings")
+    agree.add_argument("--task", default="mov01vs2")
+    agree.add_argument("--weights", default="linear", choices=["linear", "quadratic"])
+    agree.add_argument("--output", default=None)
+    args = parser.parse_args(argv)
+    result = rater_agreement(read_ratings(args.ratings), task=args.task, weights=args.weights)
+    if args.output:
+        write_json_atomic(result, args.output)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    _main()
