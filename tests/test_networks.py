@@ -60,3 +60,74 @@ def test_padmaxpool_pads_low_side_and_ceil_size():
     assert y[0, 0, 1, 0, 0] == x[0, 0, 2, 0, 0]  # x index 1..2 paired, y/z index 0 alone
     even = torch.rand(1, 2, 4, 6, 8)
     assert torch.equal(pool(even), torch.nn.functional.max_pool3d(even, 2, 2))
+
+
+# ---- the other three architectures of the paper ----
+from scripts.networks import SECNN, ResNet3D, ViT3D, feature_block_names  # noqa: E402
+
+FULL = (169, 208, 179)
+
+
+def _n_params(net, prefix=""):
+    return sum(p.numel() for n, p in net.named_parameters() if n.startswith(prefix))
+
+
+@pytest.mark.parametrize(
+    "cls, total, head",
+    [(ResNet3D, 3_517_314, 2_622_210), (SECNN, 3_523_049, 2_622_210), (ViT3D, 226_367_490, 2_050 + 2_048)],
+)
+def test_exact_parameter_counts_and_output_shape_at_full_size(cls, total, head):
+    with torch.device("meta"):  # shapes only: no memory, no arithmetic
+        net = cls()
+        out = net(torch.empty(2, 1, *FULL))
+    assert tuple(out.shape) == (2, 2)
+    assert _n_params(net) == total
+    assert sum(_n_params(net, name) for name in classifier_head_names(net)) == head
+
+
+def test_residual_networks_layer_table():
+    with torch.device("meta"):
+        res, se = ResNet3D(), SECNN()
+    assert res.flattened_size == se.flattened_size == 128 * 4 * 5 * 4
+    assert _n_params(res, "features") == 895_104 and _n_params(se, "features") == 900_839
+    # the last six parameter tensors (the authors' freezing rule) are the head plus two body tensors
+    assert [n for n, _ in res.named_parameters()][-6:] == [
+        "features.4.bn2.bias", "features.4.shortcut.0.weight", "fc.1.weight", "fc.1.bias", "fc.4.weight", "fc.4.bias"
+    ]
+    assert [n for n, _ in se.named_parameters()][-6:-4] == ["features.4.se_block.fc2.bias", "features.4.shortcut.0.weight"]
+    assert isinstance(res.fc[2], torch.nn.ELU) and res.fc[3].p == 0.8 and se.fc[1].p == 0.5
+    assert se.features[0].se_block.fc1.out_features == 1  # reduction 8: 8 -> 1 -> 8
+    assert feature_block_names(res)[-1] == ("features.4",)
+
+
+def test_residual_networks_forward_and_size_check():
+    torch.manual_seed(0)
+    for cls in (ResNet3D, SECNN):
+        net = cls(input_size=(63, 64, 65)).eval()  # the smallest size five blocks accept
+        assert net(torch.randn(2, 1, 63, 64, 65)).shape == (2, 2)
+        small = cls(input_size=(43, 52, 45), channels=(4, 8, 8, 8))
+        assert small(torch.randn(1, 1, 43, 52, 45)).shape == (1, 2)
+    with pytest.raises(ValueError, match="at least 63"):
+        ResNet3D(input_size=(43, 52, 45))
+    with pytest.raises(ValueError, match="spatial size"):
+        ResNet3D(input_size=(63, 64, 65))(torch.randn(1, 1, 64, 64, 64))
+
+
+def test_vit_patch_layout_and_head():
+    with torch.device("meta"):
+        vit = ViT3D()
+    assert vit.patch_size == (56, 52, 59) and vit.crop_size == (168, 208, 177)  # 3x4x3 = 36 patches
+    assert tuple(vit.vit.patch_embedding.position_embeddings.shape) == (1, 36, 1024)
+    assert vit.vit.patch_embedding.patch_embeddings[1].in_features == 56 * 52 * 59
+    assert vit.vit.blocks[0].attn.scale == pytest.approx(64**-0.5)
+    with torch.device("meta"):
+        assert ViT3D(attention_scale="model").vit.blocks[0].attn.scale == pytest.approx(1024**-0.5)
+    small = ViT3D(input_size=(43, 52, 45), hidden_size=32, mlp_dim=64, num_layers=2, num_heads=4).eval()
+    x = torch.randn(2, 1, 43, 52, 45)
+    out = small(x)
+    assert out.shape == (2, 2)
+    # voxels beyond the crop (x index 42) do not change the output
+    x2 = x.clone()
+    x2[:, :, 42] = 100.0
+    assert torch.allclose(small(x2), out)
+    assert feature_block_names(small) == (("vit.blocks.0",), ("vit.blocks.1",))
