@@ -117,7 +117,6 @@ class Conv5FC3(nn.Module):
             )
         return self.fc(self.convolutions(x))
 
-    @property
     def block_modules(self) -> tuple[tuple[str, ...], ...]:
         """Parameterised modules of each convolution block, first to last (conv and BatchNorm)."""
         return tuple((f"convolutions.{4 * i}", f"convolutions.{4 * i + 1}") for i in range(len(self.convolutions) // 4))
@@ -136,10 +135,11 @@ def feature_block_names(network: nn.Module) -> tuple[tuple[str, ...], ...]:
 
     Used to unfreeze "the last n blocks" on top of the classifier head in fine-tuning.
     """
-    blocks = getattr(network, "block_modules", None)
-    if blocks is None:
-        raise ValueError(f"{type(network).__name__} does not declare its feature blocks (`block_modules`).")
-    return tuple(tuple(b) if not isinstance(b, str) else (b,) for b in blocks)
+    method = getattr(network, "block_modules", None)
+    if not callable(method):
+        raise ValueError(f"{type(network).__name__} does not declare its feature blocks (a `block_modules()` method).")
+    # a plain method, not a property: TorchScript compiles properties but not unused methods
+    return tuple(tuple(b) if not isinstance(b, str) else (b,) for b in method())
 
 
 class SqueezeExcitation3D(nn.Module):
@@ -198,6 +198,7 @@ class _ResidualCNN(nn.Module):
         if len(input_size) != 3:
             raise ValueError(f"{type(self).__name__} expects a 3D input size, got {tuple(input_size)}.")
         self.input_size = tuple(int(s) for s in input_size)
+        self.expected_spatial = list(self.input_size)
         reduced = list(self.input_size)
         for _ in channels:
             reduced = [(s - 3) // 2 + 1 for s in reduced]
@@ -217,16 +218,18 @@ class _ResidualCNN(nn.Module):
     def _head(self, n_in: int, num_classes: int) -> nn.Sequential:
         raise NotImplementedError
 
-    @property
     def block_modules(self) -> tuple[tuple[str, ...], ...]:
         return tuple((f"features.{i}",) for i in range(len(self.features)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map a (B, C, X, Y, Z) batch (X, Y, Z = ``input_size``) to (B, num_classes) logits."""
-        if tuple(x.shape[2:]) != self.input_size:
+        if list(x.shape[2:]) != self.expected_spatial:
             raise ValueError(
-                f"{type(self).__name__} was built for inputs of spatial size {list(self.input_size)}, got "
-                f"{list(x.shape[2:])}; set the network's input_size (config key `spatial_size`) to the image size."
+                "this network was built for inputs of spatial size "
+                + str(self.expected_spatial)
+                + ", got "
+                + str(list(x.shape[2:]))
+                + "; set the network's input_size (config key `spatial_size`) to the image size."
             )
         return self.fc(self.features(x))
 
@@ -337,6 +340,7 @@ class ViT3D(nn.Module):
         if len(input_size) != 3 or len(patch_grid) != 3:
             raise ValueError(f"ViT3D expects 3D input_size and patch_grid, got {tuple(input_size)}, {tuple(patch_grid)}.")
         self.input_size = tuple(int(s) for s in input_size)
+        self.expected_spatial = list(self.input_size)
         self.patch_size = tuple(s // g for s, g in zip(self.input_size, patch_grid))
         if min(self.patch_size) < 1:
             raise ValueError(f"patch grid {tuple(patch_grid)} is finer than the input {self.input_size}.")
@@ -364,16 +368,18 @@ class ViT3D(nn.Module):
         elif attention_scale != "head":
             raise ValueError(f"attention_scale must be 'head' or 'model', got {attention_scale!r}.")
 
-    @property
     def block_modules(self) -> tuple[tuple[str, ...], ...]:
         return tuple((f"vit.blocks.{i}",) for i in range(len(self.vit.blocks)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map a (B, C, X, Y, Z) batch (X, Y, Z = ``input_size``) to (B, num_classes) logits."""
-        if tuple(x.shape[2:]) != self.input_size:
+        if list(x.shape[2:]) != self.expected_spatial:
             raise ValueError(
-                f"ViT3D was built for inputs of spatial size {list(self.input_size)}, got {list(x.shape[2:])}; "
-                "set the network's input_size (config key `spatial_size`) to the image size."
+                "ViT3D was built for inputs of spatial size "
+                + str(self.expected_spatial)
+                + ", got "
+                + str(list(x.shape[2:]))
+                + "; set the network's input_size (config key `spatial_size`) to the image size."
             )
         cx, cy, cz = self.crop_size
         logits, _ = self.vit(x[:, :, :cx, :cy, :cz])

@@ -131,3 +131,18 @@ def test_vit_patch_layout_and_head():
     x2[:, :, 42] = 100.0
     assert torch.allclose(small(x2), out)
     assert feature_block_names(small) == (("vit.blocks.0",), ("vit.blocks.1",))
+
+
+def test_new_architectures_export_to_torchscript():
+    torch.manual_seed(0)
+    nets = [
+        ResNet3D(input_size=(43, 52, 45), channels=(4, 8, 8, 8)),
+        SECNN(input_size=(43, 52, 45), channels=(4, 8, 8, 8)),
+        ViT3D(input_size=(43, 52, 45), hidden_size=32, mlp_dim=64, num_layers=1, num_heads=4),
+    ]
+    x = torch.randn(1, 1, 43, 52, 45)
+    for net in nets:
+        net.eval()
+        scripted = torch.jit.script(net)  # what `monai.bundle ckpt_export` does
+        with torch.no_grad():
+            assert torch.allclose(scripted(x), net(x), atol=1e-5)
