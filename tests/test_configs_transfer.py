@@ -152,3 +152,17 @@ def test_architecture_by_one_network_def_override(name, cls, n_params):
     net = parser.get_parsed_content("network_def")
     assert type(net).__name__ == cls and sum(p.numel() for p in net.parameters()) == n_params
     assert BUNDLE_ROOT.joinpath("configs", "networks.yaml").is_file()
+
+
+def test_threshold_from_a_validation_run_is_applied_to_test(study, clinical_demo):
+    _run(FT + ["evaluate.yaml"], study, clinical_demo, eval_split="validation", **CLINICAL)
+    val_dir = study / "eval" / "finetuned" / "mov01vs2" / "fold-0" / "validation"
+    val_labels = {r["label"] for r in _predictions(val_dir / "predictions.csv")}
+    assert (val_dir / "threshold.json").is_file() == (val_labels == {"0", "1"})
+    chosen = study / "chosen_threshold.json"
+    chosen.write_text('{"threshold": 0.3, "method": "fixed"}')
+    eval_dir = study / "thr_test"
+    _run(FT + ["evaluate.yaml"], study, clinical_demo, threshold_file=str(chosen), eval_dir=str(eval_dir), **CLINICAL)
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert metrics["threshold"] == pytest.approx(0.3)
+    assert all(int(r["prediction"]) == int(float(r["prob_motion"]) >= 0.3) for r in _predictions(eval_dir / "predictions.csv"))
