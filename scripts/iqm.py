@@ -119,16 +119,22 @@ def _batched_histogram(x: np.ndarray, nbins: int = _NBINS) -> tuple[np.ndarray, 
     inv = np.where(width > 0, 1.0 / np.where(width > 0, width, 1.0), 0.0)
     pos = (x - lo[:, None]) * inv[:, None]
     idx = np.minimum(pos.astype(np.int64), nbins - 1)
-    # np.histogram's correction of values that rounding put in the neighbouring bin (edges as np.linspace)
-    edges = lo[:, None] + np.arange(nbins + 1)[None, :] * width[:, None]
-    edges[:, -1] = lo + width * nbins
-    idx += (np.arange(n_rows, dtype=np.int64) * (nbins + 1))[:, None]
-    flat_edges = edges.ravel()
-    idx -= x < flat_edges[idx]
-    idx += (x >= flat_edges[idx + 1]) & (idx % (nbins + 1) != nbins - 1)
-    idx -= (np.arange(n_rows, dtype=np.int64))[:, None]  # row r: offset r * (nbins + 1) -> r * nbins
+    # np.histogram's correction for values that rounding put in a neighbouring bin (edges as np.linspace);
+    # only values within rounding distance of an edge can be affected
+    frac = pos - np.floor(pos)
+    near = np.nonzero(((frac < 1e-6) & (pos > 0)) | (frac > 1.0 - 1e-6))
+    if near[0].size:
+        r, v = near[0], x[near]
+        k = idx[near]
+        k -= v < lo[r] + k * width[r]
+        k += (v >= lo[r] + (k + 1) * width[r]) & (k != nbins - 1)
+        idx[near] = np.clip(k, 0, nbins - 1)
+    idx += (np.arange(n_rows, dtype=np.int64) * nbins)[:, None]
     counts = np.bincount(idx.ravel(), minlength=n_rows * nbins).reshape(n_rows, nbins).astype(np.float64)
-    centres = lo[:, None] + (np.arange(nbins) + 0.5)[None, :] * width[:, None]
+    # bin centres exactly as scikit-image computes them from np.histogram's np.linspace edges
+    edges = np.arange(nbins + 1)[None, :] * width[:, None] + lo[:, None]
+    edges[:, -1] = x.max(axis=1)
+    centres = (edges[:, :-1] + edges[:, 1:]) / 2.0
     return counts, centres, pos, lo, width
 
 
@@ -138,6 +144,7 @@ def _batched_otsu(x: np.ndarray, hist: tuple[np.ndarray, ...] | None = None) -> 
     A constant row gets its value as threshold (so ``x > t`` is empty), as in scikit-image.
     """
     counts, centres, _, lo, width = _batched_histogram(x) if hist is None else hist
+    counts = counts.astype(np.float32)  # scikit-image's dtypes, so that near-ties break the same way
     w1 = np.cumsum(counts, axis=1)
     w2 = np.cumsum(counts[:, ::-1], axis=1)[:, ::-1]
     cw = counts * centres
@@ -151,27 +158,34 @@ def _batched_otsu(x: np.ndarray, hist: tuple[np.ndarray, ...] | None = None) -> 
     return np.where(width > 0, thr, lo)
 
 
-def _batched_equalize(hist: tuple[np.ndarray, ...]) -> np.ndarray:
+def _batched_equalize(x: np.ndarray, hist: tuple[np.ndarray, ...]) -> np.ndarray:
     """Histogram equalisation of each row, as ``skimage.exposure.equalize_hist`` (values in [0, 1]).
 
-    The normalised cumulative histogram is linearly interpolated at each value between bin centres
-    (``np.interp`` semantics, clamped at the first/last centre). Constant rows map to 1.
+    The normalised cumulative histogram is interpolated linearly at each value between bin centres,
+    with ``np.interp``'s formula and clamping, so that the result is the same to the last bit.
+    Constant rows map to 1.
 
     Args:
-        hist: the output of :func:`_batched_histogram` for the rows to equalise.
+        x: (S, N) values.
+        hist: the output of :func:`_batched_histogram` for ``x``.
     """
-    counts, _, pos, _, width = hist
+    counts, centres, pos, _, width = hist
     n_rows, nbins = counts.shape
     cdf = np.cumsum(counts, axis=1)
     cdf /= cdf[:, -1:]
-    # value at bin position p: cdf[j] + (p - 0.5 - j) * (cdf[j+1] - cdf[j]), j = floor(p - 0.5), clamped
-    ext = np.concatenate([cdf[:, :1], cdf, cdf[:, -1:]], axis=1).ravel()  # ext[k + 1] = cdf[k]
-    q = pos + 0.5  # = (p - 0.5) + 1, so floor(q) indexes ext
-    j = np.minimum(q.astype(np.int64), nbins)
-    frac = q - j
-    j += (np.arange(n_rows, dtype=np.int64) * (nbins + 2))[:, None]
-    lo_v = ext[j]
-    out = lo_v + frac * (ext[j + 1] - lo_v)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        slopes = np.diff(cdf, axis=1) / np.diff(centres, axis=1)  # (S, nbins - 1)
+    # interval j with centres[j] <= x < centres[j + 1]: guess from the bin position, then correct
+    off = (np.arange(n_rows, dtype=np.int64) * nbins)[:, None]
+    j = np.clip(np.floor(pos - 0.5).astype(np.int64), 0, nbins - 2) + off
+    flat_c = centres.ravel()
+    j -= (x < flat_c[j]) & (j > off)
+    j += (x >= flat_c[j + 1]) & (j < off + nbins - 2)
+    flat_slopes = np.concatenate([slopes, np.zeros((n_rows, 1))], axis=1).ravel()
+    flat_cdf = cdf.ravel()
+    out = flat_slopes[j] * (x - flat_c[j]) + flat_cdf[j]
+    out = np.where(x >= centres[:, -1:], cdf[:, -1:], out)
+    out = np.where(x < centres[:, :1], cdf[:, :1], out)
     out[width == 0] = 1.0
     return out
 
@@ -228,7 +242,7 @@ def foreground_masks(slices: np.ndarray, mrqy_compatible: bool = False) -> np.nd
     x = slices.reshape(n, -1).astype(np.float64, copy=False)
     hist = _batched_histogram(x)
     o_img = x > _batched_otsu(x, hist)[:, None]
-    h = 255.0 * _batched_equalize(hist)
+    h = 255.0 * _batched_equalize(x, hist)
     o_h = h > _batched_otsu(h)[:, None]
     if mrqy_compatible:
         x_c = x
@@ -849,10 +863,14 @@ class IQMBaseline:
         self._check()
         datalist = self.datalist or os.path.join(self.dataset_dir, "datalist.json")
         splits = _read_datalist(self.dataset_dir, datalist)
-        for s in (*self.train_splits, self.test_split):
-            if s not in splits:
-                raise ValueError(f"{datalist}: split '{s}' not found (have {sorted(splits)}).")
-        train = [it for s in self.train_splits for it in splits[s]]
+        if self.test_split not in splits:
+            raise ValueError(f"{datalist}: split '{self.test_split}' not found (have {sorted(splits)}).")
+        missing = [s for s in self.train_splits if s not in splits]
+        if len(missing) == len(self.train_splits):
+            raise ValueError(f"{datalist}: none of the training splits {list(self.train_splits)} found.")
+        if missing:
+            warnings.warn(f"{datalist}: splits {missing} not found; training on the others.", RuntimeWarning)
+        train = [it for s in self.train_splits if s in splits for it in splits[s]]
         test = splits[self.test_split]
         if not train or not test:
             raise ValueError(f"{datalist}: empty training ({len(train)}) or test ({len(test)}) split.")
@@ -982,9 +1000,8 @@ def compare_predictions(csv_a: str, csv_b: str, exact_below: int = 25) -> McNema
     """
     a, b = load_predictions(csv_a), load_predictions(csv_b)
     by_session = all(
-        r["participant_id"] and r["session_id"] and len({_key(x, True) for x in rows}) == len(rows)
+        all(r["participant_id"] and r["session_id"] for r in rows) and len({_key(r, True) for r in rows}) == len(rows)
         for rows in (a, b)
-        for r in rows
     )
     ia = {_key(r, by_session): r for r in a}
     ib = {_key(r, by_session): r for r in b}
