@@ -163,7 +163,7 @@ def _batched_equalize(x: np.ndarray, hist: tuple[np.ndarray, ...]) -> np.ndarray
 
     The normalised cumulative histogram is interpolated linearly at each value between bin centres,
     with ``np.interp``'s formula and clamping, so that the result is the same to the last bit.
-    Constant rows map to 1.
+    Constant rows map to 1 (scikit-image gives 0.5; either way such a slice has no foreground).
 
     Args:
         x: (S, N) values.
@@ -247,7 +247,8 @@ def foreground_masks(slices: np.ndarray, mrqy_compatible: bool = False) -> np.nd
     if mrqy_compatible:
         x_c = x
     else:
-        x_c = hist[2] * (255.0 / _NBINS)  # (x - min) / (max - min) * 255
+        lo, span = hist[3], hist[4] * _NBINS
+        x_c = (x - lo[:, None]) / np.where(span > 0, span, 1.0)[:, None] * 255.0
     new = o_img.mean(axis=1)[:, None] * x_c + o_h.mean(axis=1)[:, None] * h
     mask = (new > _batched_otsu(new)[:, None]).reshape(n, height, width)
     return np.stack([_convex_hull_2d(m) for m in mask]) if n else mask

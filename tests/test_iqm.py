@@ -293,7 +293,7 @@ def test_baseline_end_to_end_and_mcnemar(tmp_path):
     out = tmp_path / "out"
     cmd = [
         sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/iqm_baseline.yaml",
-        "--dataset_dir", str(data), "--output_dir", str(out), "--n_iter", "5", "--num_workers", "2",
+        "--dataset_dir", str(data), "--output_dir", str(out), "--n_iter", "5", "--num_workers", "2", "--n_jobs", "1",
         "--param_distributions#n_estimators", "[10, 30]", "--progress", "False",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=300)
