@@ -281,6 +281,7 @@ def _make_dataset(root, n_participants=16) -> dict:
             rel = f"images/sub-{p:02d}_{ses}_T1w.nii.gz"
             _save(root / rel, _head_phantom(seed=100 * p + motion, motion=motion))
             items.append({"image": rel, "label": int(motion), "participant_id": f"sub-{p:02d}", "session_id": ses})
+    _save(root / items[0]["image"], np.zeros((40, 48, 44)))  # a training volume without foreground: NaN IQMs
     splits = {"training": items[:20], "validation": items[20:24], "test": items[24:]}
     with open(root / "datalist.json", "w") as fh:
         json.dump(splits, fh)
@@ -315,7 +316,9 @@ def test_baseline_end_to_end_and_mcnemar(tmp_path):
         hp = json.load(fh)
     assert hp["best_params"]["n_estimators"] in (10, 30) and hp["n_train"] == 24 and len(hp["iqm_names"]) == 13
     table = iqm.read_iqm_table(str(out / "iqms.tsv"))
-    assert len(table) == 32 and all(r["status"] == "ok" for r in table.values())
+    statuses = [table[os.path.abspath(data / it["image"])]["status"] for it in splits["training"]]
+    assert len(table) == 32 and statuses[0] == "no_foreground"
+    assert sum(r["status"] == "ok" for r in table.values()) == 31
 
     # McNemar against a fake CNN that is right on every test image but the first
     cnn = tmp_path / "cnn_predictions.csv"
@@ -339,3 +342,16 @@ def test_load_predictions_errors(tmp_path):
     bad.write_text("image,label\nx,1\n")
     with pytest.raises(ValueError, match="missing columns"):
         iqm.load_predictions(str(bad))
+
+
+def test_config_defaults():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(BUNDLE_ROOT, "configs", "iqm_baseline.yaml"))
+    parser["dataset_dir"] = "somewhere"
+    assert tuple(parser.get_parsed_content("iqm_names")) == iqm.DEFAULT_IQMS and len(iqm.DEFAULT_IQMS) == 13
+    baseline = parser.get_parsed_content("baseline")
+    assert isinstance(baseline, iqm.IQMBaseline)
+    assert (baseline.n_iter, baseline.cv_folds, baseline.mrqy_compatible, baseline.threshold) == (300, 5, False, 0.5)
+    assert baseline.output_dir == "./eval/iqm_baseline" and baseline.datalist == os.path.join("somewhere", "datalist.json")
