@@ -798,7 +798,9 @@ def _read_datalist(dataset_dir: str, datalist: str) -> dict[str, list[dict[str, 
     return out
 
 
-def write_predictions(path: str, items: Sequence[Mapping[str, Any]], prob_motion: Sequence[float], threshold: float):
+def write_predictions(
+    path: str, items: Sequence[Mapping[str, Any]], prob_motion: Sequence[float], threshold: float
+) -> None:
     """Write ``predictions.csv`` (image, participant_id, session_id, label, prob_motion, prediction) atomically."""
     import io
 

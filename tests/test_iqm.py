@@ -354,4 +354,5 @@ def test_config_defaults():
     baseline = parser.get_parsed_content("baseline")
     assert isinstance(baseline, iqm.IQMBaseline)
     assert (baseline.n_iter, baseline.cv_folds, baseline.mrqy_compatible, baseline.threshold) == (300, 5, False, 0.5)
-    assert baseline.output_dir == "./eval/iqm_baseline" and baseline.datalist == os.path.join("somewhere", "datalist.json")
+    assert baseline.output_dir == "./eval/iqm_baseline"
+    assert baseline.datalist == os.path.join("somewhere", "datalist.json")
