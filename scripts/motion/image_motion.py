@@ -135,49 +135,62 @@ def _index_maps(
     return rigid_index_map(lps, rot, translation.double(), c)
 
 
-def _moved_volume_correction(
+def _stitch_segments(
     vol: torch.Tensor,
-    moved: torch.Tensor,
+    move: Any,
     bounds: list[int],
     source: list[int],
     output: Output,
 ) -> torch.Tensor:
-    """Stitch segments; ``vol (X, Y, L)`` and ``moved (N, X, Y, L)`` are phase-axis-last."""
+    """Stitch k-space segments along the last axis of ``vol (X, Y, L)``.
+
+    ``move(row)`` returns the moved volume of parameter row ``row`` (same shape as ``vol``); it is
+    called once per non-empty moved segment, so only one moved volume lives at a time. Frequencies
+    are handled as ``[Re | Im]`` rows of a transposed hybrid spectrum ``(2F, X*Y)``.
+    """
     nx, ny, length = vol.shape
     dev, dt = vol.device, vol.dtype
     flat = vol.reshape(-1, length)
     half = length // 2
-    pieces: list[tuple[torch.Tensor, torch.Tensor]] = []  # (signed freqs, G = [Re | Im])
+    pieces: list[tuple[torch.Tensor, torch.Tensor]] = []  # (signed freqs, G^T = [Re; Im] (2M, XY))
     for s, row in enumerate(source):
         lo, hi = bounds[s], bounds[s + 1]
         if row < 0 or hi <= lo:
             continue
         freqs = torch.arange(lo, hi, device=dev) - half
         cos, sin = dft_matrices(length, freqs, dev, dt)
-        diff = (moved[row] - vol).reshape(-1, length)
-        pieces.append((freqs, diff @ torch.cat([cos, -sin], dim=1)))
+        diff = move(row).reshape(-1, length).sub_(flat)
+        pieces.append((freqs, torch.mm(torch.cat([cos, -sin], dim=1).T, diff.T)))
     if not pieces:
         return vol.clone()
     if output == "real":
+        # Re(IDFT) only needs H(|f|) = G(f) + conj(G(-f)) for f >= 0
         mags = torch.cat([f.abs() for f, _ in pieces]).unique()
         col = torch.full((half + 1,), -1, dtype=torch.long, device=dev)
         col[mags] = torch.arange(mags.numel(), device=dev)
-        h = torch.zeros(flat.shape[0], 2 * mags.numel(), dtype=dt, device=dev)
+        h = torch.zeros(2 * mags.numel(), flat.shape[0], dtype=dt, device=dev)
+        na = mags.numel()
         for freqs, g in pieces:
             m = freqs.numel()
-            idx = col[freqs.abs()]
-            sign = torch.where(freqs < 0, -1.0, 1.0).to(dt)
-            h.index_add_(1, idx, g[:, :m])
-            h.index_add_(1, idx + mags.numel(), g[:, m:] * sign)
+            for part in (freqs < 0, freqs >= 0):
+                sel = torch.nonzero(part).flatten()
+                if sel.numel() == 0:
+                    continue
+                lo_i, hi_i = int(sel[0]), int(sel[-1]) + 1  # contiguous run of one sign
+                re, im = g[lo_i:hi_i], g[m + lo_i : m + hi_i]
+                if bool(freqs[lo_i] < 0):  # |f| descending: flip, and conj(G(-f)) flips Im
+                    re, im = re.flip(0), -im.flip(0)
+                p0 = int(col[freqs[lo_i:hi_i].abs().min()])
+                h[p0 : p0 + hi_i - lo_i] += re
+                h[na + p0 : na + p0 + hi_i - lo_i] += im
         cos, sin = dft_matrices(length, mags, dev, dt)
         inv = torch.cat([cos.T, -sin.T], dim=0) / length
-        return torch.addmm(flat, h, inv).reshape(nx, ny, length)
+        return torch.addmm(flat, h.T, inv).reshape(nx, ny, length)
     freqs = torch.cat([f for f, _ in pieces])
-    g = torch.cat([torch.cat([p[1][:, : p[0].numel()] for p in pieces], 1),
-                   torch.cat([p[1][:, p[0].numel():] for p in pieces], 1)], 1)
+    g = torch.cat([p[1][: p[0].numel()] for p in pieces] + [p[1][p[0].numel():] for p in pieces], 0)
     cos, sin = dft_matrices(length, freqs, dev, dt)
     inv = torch.cat([torch.cat([cos.T, sin.T], 1), torch.cat([-sin.T, cos.T], 1)], 0) / length
-    c = g @ inv
+    c = torch.mm(g.T, inv)
     real = flat + c[:, :length]
     return torch.sqrt(real * real + c[:, length:] ** 2).reshape(nx, ny, length)
 
@@ -228,16 +241,15 @@ def apply_image_motion(
     pmat = torch.eye(3, dtype=torch.float64)[perm]
     a_p, b_p = pmat @ a @ pmat.T, b @ pmat.T
     bounds, source = segment_layout(times, int(spatial[phase_axis]))
-    used = sorted({r for s, r in enumerate(source) if r >= 0 and bounds[s + 1] > bounds[s]})
     out = torch.empty_like(work)
     for ch in range(work.shape[0]):
         vol = work[ch].permute(*perm).contiguous()
-        moved = torch.zeros((len(degrees), *vol.shape), dtype=vol.dtype, device=vol.device)
-        if used:
-            moved[used] = resample_rigid(
-                vol.unsqueeze(0).expand(len(used), *vol.shape), a_p[used], b_p[used], vol.min(), backend
-            )
-        res = _moved_volume_correction(vol, moved, bounds, source, output)
+        fill = vol.min()
+
+        def move(row: int, vol: torch.Tensor = vol, fill: torch.Tensor = fill) -> torch.Tensor:
+            return resample_rigid(vol.unsqueeze(0), a_p[row], b_p[row], fill, backend)[0]
+
+        res = _stitch_segments(vol, move, bounds, source, output)
         out[ch] = res.permute(*np.argsort(perm).tolist())
     return out.to(in_dtype)
 

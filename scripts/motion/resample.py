@@ -167,15 +167,15 @@ _COMPILED: dict[str, Callable | None] = {}
 
 
 def _compiled_backend() -> Callable | None:
-    """Compile the gather kernel once per process; ``None`` if torch.compile is unavailable."""
+    """The gather kernel under ``torch.compile`` (static shapes: one compilation per volume shape).
+
+    Returns ``None`` when ``torch.compile`` cannot be set up (no compiler); compilation errors at
+    the first call are caught in :func:`resample_rigid`.
+    """
     if "fn" not in _COMPILED:
         try:
-            fn = torch.compile(_trilinear_gather)
-            probe = torch.rand(1, 3, 4, 5)
-            eye = torch.eye(3).unsqueeze(0)
-            fn(probe, eye, torch.zeros(1, 3), torch.zeros(1))
-            _COMPILED["fn"] = fn
-        except Exception as err:  # noqa: BLE001 - any compiler failure means "use the fallback"
+            _COMPILED["fn"] = torch.compile(_trilinear_gather, dynamic=False)
+        except Exception as err:  # noqa: BLE001 - any set-up failure means "use the fallback"
             warnings.warn(f"scripts.motion: torch.compile unavailable ({err!r}); using grid_sample", stacklevel=2)
             _COMPILED["fn"] = None
     return _COMPILED["fn"]
@@ -204,8 +204,8 @@ def resample_rigid(
     if vol.ndim != 4 or not vol.is_floating_point():
         raise ValueError(f"resample_rigid expects a floating (B, X, Y, Z) tensor, got {tuple(vol.shape)} {vol.dtype}")
     nb = vol.shape[0]
-    a = a.to(vol.device).expand(nb, 3, 3) if a.ndim == 2 else a.to(vol.device)
-    b = b.to(vol.device).expand(nb, 3) if b.ndim == 1 else b.to(vol.device)
+    a = (a.expand(nb, 3, 3) if a.ndim == 2 else a).to(device=vol.device, dtype=torch.float64).contiguous()
+    b = (b.expand(nb, 3) if b.ndim == 1 else b).to(device=vol.device, dtype=torch.float64).contiguous()
     fill_t = torch.as_tensor(fill, dtype=vol.dtype, device=vol.device).expand(nb).contiguous()
     vol = vol.contiguous()
     if backend == "auto":
@@ -213,7 +213,11 @@ def resample_rigid(
     if backend == "compiled":
         fn = _compiled_backend()
         if fn is not None:
-            return fn(vol, a.contiguous(), b.contiguous(), fill_t)
+            try:
+                return torch.cat([fn(vol[i : i + 1], a[i : i + 1], b[i : i + 1], fill_t[i : i + 1]) for i in range(nb)])
+            except Exception as err:  # noqa: BLE001 - e.g. no C++ compiler at the first call
+                warnings.warn(f"scripts.motion: compiled resampling failed ({err!r}); using grid_sample", stacklevel=2)
+                _COMPILED["fn"] = None
         backend = "grid_sample"
     if backend == "grid_sample":
         return _grid_sample_backend(vol, a, b, fill_t)
