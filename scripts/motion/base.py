@@ -21,7 +21,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import convert_to_dst_type
 
-from .metrics import motion_metrics
+from .metrics import METRIC_NAMES, motion_metrics
 
 __all__ = ["parse_range", "as_volume", "set_motion_label", "RandMotionDictBase"]
 
@@ -144,7 +144,7 @@ class RandMotionDictBase(RandomizableTransform, MapTransform):
                     self.array.last_course(clean), torch.as_tensor(clean), torch.as_tensor(d[first])
                 )
             else:
-                d[self.metrics_key] = dict.fromkeys(motion_metrics(torch.zeros(6, 2)), 0.0) | {"ssim": 1.0}
+                d[self.metrics_key] = dict.fromkeys(METRIC_NAMES, 0.0) | {"ssim": 1.0}
         return d
 
 
