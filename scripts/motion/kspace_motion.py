@@ -58,8 +58,11 @@ Output = Literal["real", "magnitude"]
 
 def plane_energy(vol: torch.Tensor) -> torch.Tensor:
     """Square root of the k-space energy of each plane along the last axis, fftshifted order ``(L,)``."""
-    spec = torch.fft.fft(vol.reshape(-1, vol.shape[-1]).float(), dim=-1)
-    return torch.fft.fftshift(spec.abs().pow(2).sum(0).sqrt()).double().cpu()
+    length = vol.shape[-1]
+    spec = torch.view_as_real(torch.fft.rfft(vol.reshape(-1, length).float(), dim=-1))
+    half_energy = spec.pow(2).sum(dim=(0, 2)).double().cpu()  # frequencies 0..L//2
+    freqs = torch.arange(length) - length // 2  # fftshifted order; real input: E(-f) = E(f)
+    return half_energy[freqs.abs()].sqrt()
 
 
 def cluster_rotations(
@@ -137,7 +140,7 @@ def _simulate_volume(
     centre = (torch.tensor([na, nb, length], dtype=torch.float64) - 1) / 2
     s = torch.diag(spacing)
     s_inv = torch.diag(1 / spacing)
-    spectrum = torch.empty((na, nb, length), dtype=cdt, device=dev)
+    spectrum = torch.empty((length, na, nb), dtype=cdt, device=dev)  # planes first (contiguous)
     fill = vol.min()
     for j in range(centres.shape[0]):
         planes = torch.nonzero(labels == j).flatten()
@@ -153,17 +156,16 @@ def _simulate_volume(
         freqs = planes.to(dev) - half
         cos, sin = dft_matrices(length, freqs, dev, dt)
         m = freqs.numel()
-        g = moved @ torch.cat([cos, -sin], dim=1)
-        hyb = torch.complex(g[:, :m], g[:, m:]).reshape(na, nb, m)
-        spec = torch.fft.fft2(hyb, dim=(0, 1))
+        g = torch.mm(torch.cat([cos, -sin], dim=1).T, moved.T)  # (2m, A*B): hybrid space, planes first
+        hyb = torch.complex(g[:m], g[m:]).reshape(m, na, nb)
+        spec = torch.fft.fft2(hyb)
         d = shifts[planes.to(dev)]  # (m, 3)
-        fz = freqs.double()
-        ramp_a = torch.exp(-2j * math.pi * fa[:, None] * d[None, :, 0] / na)  # (A, m)
-        ramp_b = torch.exp(-2j * math.pi * fb[:, None] * d[None, :, 1] / nb)  # (B, m)
-        ramp_z = torch.exp(-2j * math.pi * fz * d[:, 2] / length)  # (m,)
-        spec *= (ramp_a[:, None, :] * (ramp_b * ramp_z)[None, :, :]).to(cdt)
-        spectrum[:, :, freqs.remainder(length)] = spec
-    img = torch.fft.ifftn(spectrum)
+        ramp_a = torch.exp(-2j * math.pi * d[:, 0:1] * fa[None, :] / na)  # (m, A)
+        ramp_b = torch.exp(-2j * math.pi * d[:, 1:2] * fb[None, :] / nb)  # (m, B)
+        ramp_z = torch.exp(-2j * math.pi * freqs.double() * d[:, 2] / length)  # (m,)
+        spec *= ((ramp_a * ramp_z[:, None])[:, :, None] * ramp_b[:, None, :]).to(cdt)
+        spectrum[freqs.remainder(length)] = spec
+    img = torch.fft.ifftn(spectrum).permute(1, 2, 0)
     return (img.abs() if output == "magnitude" else img.real).to(dt)
 
 

@@ -25,6 +25,7 @@ Two interchangeable back-ends compute the same numbers:
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -214,6 +215,8 @@ def resample_rigid(
         fn = _compiled_backend()
         if fn is not None:
             try:
+                if nb == 1:
+                    return fn(vol, a, b, fill_t)
                 return torch.cat([fn(vol[i : i + 1], a[i : i + 1], b[i : i + 1], fill_t[i : i + 1]) for i in range(nb)])
             except Exception as err:  # noqa: BLE001 - e.g. no C++ compiler at the first call
                 warnings.warn(f"scripts.motion: compiled resampling failed ({err!r}); using grid_sample", stacklevel=2)
@@ -226,15 +229,22 @@ def resample_rigid(
     raise ValueError(f"resample_rigid: unknown backend {backend!r}")
 
 
+@functools.lru_cache(maxsize=16)
+def _dft_table(n: int, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full ``(n, n)`` cosine/sine tables for frequencies ``0..n-1`` (angles reduced in integers)."""
+    z = torch.arange(n, dtype=torch.int64)
+    ang = (z[:, None] * z[None, :]).remainder(n).double() * (2 * math.pi / n)
+    return torch.cos(ang).to(device=device, dtype=dtype), torch.sin(ang).to(device=device, dtype=dtype)
+
+
 def dft_matrices(
     n: int, freqs: torch.Tensor, device: torch.device | str, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine and sine tables ``cos(2 pi f z / n)``, ``sin(...)`` of shape ``(n, len(freqs))``.
 
-    ``freqs`` are signed integer frequencies. Angles are reduced modulo ``n`` in integers first,
-    so the tables are accurate in float32 for any ``n``.
+    ``freqs`` are signed integer frequencies. Angles are reduced modulo ``n`` in integers, so the
+    tables are accurate in float32 for any ``n``; full tables are cached per ``(n, device, dtype)``.
     """
-    z = torch.arange(n, device=device, dtype=torch.int64).unsqueeze(1)
-    f = freqs.to(device=device, dtype=torch.int64).unsqueeze(0)
-    ang = (z * f).remainder(n).double() * (2 * math.pi / n)
-    return torch.cos(ang).to(dtype), torch.sin(ang).to(dtype)
+    cos, sin = _dft_table(int(n), str(torch.device(device)), dtype)
+    idx = freqs.to(device=cos.device, dtype=torch.int64).remainder(n)
+    return cos[:, idx], sin[:, idx]
