@@ -79,34 +79,37 @@ def cluster_rotations(
         ``labels (L,)`` int64 and ``centres (K', 3)`` (weighted mean angles), ``K' <= k``, unused
         clusters dropped.
     """
-    a = angles.double().cpu()
+    a = angles.double().cpu().numpy()
     n = a.shape[0]
     if k >= n:
-        return torch.arange(n), a.clone()
-    w = torch.ones(n, dtype=torch.float64) if weights is None else weights.double().cpu().clamp(min=0) + 1e-12
+        return torch.arange(n), torch.from_numpy(a.copy())
+    w = np.ones(n) if weights is None else np.clip(weights.double().cpu().numpy(), 0, None) + 1e-12
+
+    def sqdist(c: np.ndarray) -> np.ndarray:  # (n, K) squared distances
+        return ((a[:, None, :] - c[None, :, :]) ** 2).sum(-1)
+
     centres = [(a * w[:, None]).sum(0) / w.sum()]
     for _ in range(1, k):  # farthest-point initialisation (weighted)
-        d = torch.cdist(a, torch.stack(centres)).min(1).values ** 2 * w
+        d = sqdist(np.stack(centres)).min(1) * w
         if d.max() <= 0:
             break
         centres.append(a[int(d.argmax())])
-    c = torch.stack(centres)
-    labels = torch.zeros(n, dtype=torch.long)
+    c = np.stack(centres)
     for _ in range(iterations):
-        labels = torch.cdist(a, c).argmin(1)
-        new = c.clone()
+        labels = sqdist(c).argmin(1)
+        new = c.copy()
         for j in range(c.shape[0]):
             m = labels == j
             if m.any():
                 new[j] = (a[m] * w[m, None]).sum(0) / w[m].sum()
-        if torch.allclose(new, c):
+        if np.allclose(new, c):
             break
         c = new
-    labels = torch.cdist(a, c).argmin(1)
-    used = labels.unique()
-    remap = torch.full((c.shape[0],), -1, dtype=torch.long)
-    remap[used] = torch.arange(used.numel())
-    return remap[labels], c[used]
+    labels = sqdist(c).argmin(1)
+    used = np.unique(labels)
+    remap = np.full(c.shape[0], -1)
+    remap[used] = np.arange(used.size)
+    return torch.from_numpy(remap[labels]).long(), torch.from_numpy(c[used])
 
 
 def _fftfreq_int(n: int, device: torch.device) -> torch.Tensor:
