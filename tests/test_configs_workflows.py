@@ -65,6 +65,19 @@ def test_batch_of_16_is_accumulated_over_micro_batches(small_demo, tmp_path):
     assert wf.parser.get_parsed_content("train#trainer").accumulation_steps == 1
 
 
+@pytest.mark.parametrize(
+    "method, name", [("image", "RandImageMotiond"), ("kspace", "RandKSpaceMotiond"), ("torchio", "RandTorchIOMotiond")]
+)
+def test_motion_method_is_one_override(method, name):
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.yaml"))
+    assert parser["motion_method"] == "image"  # our image-based simulator is the default
+    parser["motion_method"] = method
+    transform = parser.get_parsed_content("motion_transform")
+    assert type(transform).__name__ == name
+    assert transform.label_key == "label" and transform.prob == pytest.approx(0.5)
+
+
 def test_run_and_training_ids_are_the_same():
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.yaml"))
