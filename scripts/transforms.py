@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import zlib
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
@@ -83,7 +84,9 @@ class DeterministicPerItemd(MapTransform):
     The seed is derived from ``seed`` and the item's identity (the source file of ``id_key``, or its
     string value), so the same image always receives the same draw, whatever the order or epoch.
     Used for validation sets whose synthetic motion must not change between epochs. Because this
-    wrapper is not itself random, MONAI's cache datasets cache its output.
+    wrapper is not itself random, MONAI's cache datasets cache its output. Calls are serialised by a
+    lock: cache datasets fill their cache from several threads, and seeding then drawing must not
+    interleave.
 
     Args:
         transform: a randomizable dictionary transform (it must implement ``set_random_state``).
@@ -98,6 +101,16 @@ class DeterministicPerItemd(MapTransform):
         self.transform = transform
         self.seed = int(seed)
         self.id_key = id_key
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:  # locks do not pickle (DataLoader workers, deepcopy)
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def item_seed(self, data: Mapping[Hashable, Any]) -> int:
         """The seed used for ``data``."""
@@ -106,5 +119,6 @@ class DeterministicPerItemd(MapTransform):
         return zlib.crc32(f"{self.seed}:{ident}".encode()) & 0x7FFFFFFF
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        self.transform.set_random_state(seed=self.item_seed(data))
-        return self.transform(data)
+        with self._lock:
+            self.transform.set_random_state(seed=self.item_seed(data))
+            return self.transform(data)

@@ -54,6 +54,30 @@ def test_check_properties(files, workflow_type, small_demo, tmp_path):
     assert wf.check_properties() == []
 
 
+def test_batch_of_16_is_accumulated_over_micro_batches(small_demo, tmp_path):
+    wf = _workflow(["train.yaml"], "train", tmp_path, small_demo, cache_rate=0.0)
+    wf.initialize()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert trainer.accumulation_steps == 16 // 4
+    assert wf.parser.get_parsed_content("train#dataloader").batch_size == 4
+    wf.parser["micro_batch_size"] = 16
+    wf.initialize()
+    assert wf.parser.get_parsed_content("train#trainer").accumulation_steps == 1
+
+
+@pytest.mark.parametrize(
+    "method, name", [("image", "RandImageMotiond"), ("kspace", "RandKSpaceMotiond"), ("torchio", "RandTorchIOMotiond")]
+)
+def test_motion_method_is_one_override(method, name):
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.yaml"))
+    assert parser["motion_method"] == "image"  # our image-based simulator is the default
+    parser["motion_method"] = method
+    transform = parser.get_parsed_content("motion_transform")
+    assert type(transform).__name__ == name
+    assert transform.label_key == "label" and transform.prob == pytest.approx(0.5)
+
+
 def test_run_and_training_ids_are_the_same():
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.yaml"))
@@ -87,6 +111,7 @@ def trained(small_demo, tmp_path_factory) -> Path:
         "--spatial_size", str(list(SMALL_SHAPE)),
         "--train#trainer#max_epochs", "2",
         "--batch_size", "4",
+        "--micro_batch_size", "2",
         "--num_workers", "0",
     )
     return out

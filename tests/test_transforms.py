@@ -53,3 +53,18 @@ def test_deterministic_per_item_is_stable_across_calls_and_order():
     assert not torch.equal(other_seed, first_a)
     with pytest.raises(TypeError):
         DeterministicPerItemd(object())
+
+
+def test_deterministic_per_item_is_thread_safe_and_picklable():
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    wrapper = DeterministicPerItemd(RandGaussianNoised("image", prob=1.0, std=1.0), seed=3)
+    items = [{"image": _img(name=f"s{i}.nii")} for i in range(12)]
+    serial = [wrapper(dict(it))["image"] for it in items]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda it: wrapper(dict(it))["image"], items * 3))
+    for i, out in enumerate(threaded):
+        assert torch.equal(out, serial[i % 12])
+    clone = pickle.loads(pickle.dumps(wrapper))
+    assert torch.equal(clone(dict(items[0]))["image"], serial[0])
