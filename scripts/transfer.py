@@ -9,7 +9,7 @@ what the authors' code did because the whole model was in train mode) or stay at
 values (``bn_mode="frozen"``). The optimiser in train.yaml already receives only parameters with
 ``requires_grad``.
 
-Command line (cross-validation of any config list, and rater agreement)::
+Command line (rater agreement; the cross-validation driver is configs/cross_validation.yaml)::
 
     python -m scripts.transfer agreement ratings.tsv --task mov01vs2 --output agreement.json
 """
