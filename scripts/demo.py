@@ -26,7 +26,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ __all__ = [
     "make_research_demo",
     "make_clinical_demo",
     "ensure_demo_dataset",
+    "ensure_clinical_dataset",
     "CLINICAL_MOTION",
 ]
 
@@ -261,36 +262,64 @@ def make_clinical_demo(
     return tsv
 
 
+def _generate_once(root: Path, product: str, what: str, generate: Callable[[Path], Path]) -> Path:
+    """Return ``root / product``, calling ``generate(root)`` first when ``root`` is missing or empty.
+
+    A folder that already holds ``product`` is used as it is (that is how ``dataset_dir`` points at
+    your own data). A non-empty folder without it is an error rather than a place to write demo
+    files into. A ``.generating`` marker makes an interrupted generation start again on the next call.
+    """
+    target = root / product
+    if target.is_file():
+        return target
+    marker = root / ".generating"
+    if root.exists() and any(p.name != marker.name for p in root.iterdir()):
+        if not marker.exists():
+            raise FileNotFoundError(
+                f"dataset_dir {root} has no {product}; write one (see README, 'Your own data') "
+                "or point dataset_dir at an empty or missing folder to generate the demo dataset there."
+            )
+        shutil.rmtree(root)  # an interrupted generation: start again
+    root.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    logger.info("generating the %s in %s", what, root)
+    path = generate(root)
+    marker.unlink()
+    return path
+
+
 def ensure_demo_dataset(
     dataset_dir: str | os.PathLike,
     n_participants: int = 24,
     seed: int = 0,
     voxel_size: float = 1.0,
 ) -> Path:
-    """Return ``<dataset_dir>/datalist.json``, generating the research demo there when the folder is empty.
+    """Return ``<dataset_dir>/datalist.json``, generating the research demo there when the folder is empty."""
+    return _generate_once(
+        Path(dataset_dir),
+        "datalist.json",
+        f"research demo dataset ({n_participants} participants, {voxel_size:g} mm)",
+        lambda root: make_research_demo(root, n_participants=n_participants, seed=seed, voxel_size=voxel_size),
+    )
 
-    A folder that already holds a datalist is used as it is (that is how ``--dataset_dir`` points
-    training at your own data). A non-empty folder without a datalist is an error rather than a
-    place to write demo files into.
+
+def ensure_clinical_dataset(
+    dataset_dir: str | os.PathLike,
+    n_participants: int = 30,
+    seed: int = 1,
+    voxel_size: float = 1.0,
+) -> Path:
+    """Return ``<dataset_dir>/ratings.tsv``, generating the clinical demo there when the folder is empty.
+
+    A folder with a ``ratings.tsv`` (columns participant_id, session_id, image, rater_1, ...) is your
+    own clinical data and is used as it is.
     """
-    root = Path(dataset_dir)
-    datalist = root / "datalist.json"
-    if datalist.is_file():
-        return datalist
-    if root.exists() and any(p.name != ".generating" for p in root.iterdir()):
-        marker = root / ".generating"
-        if not marker.exists():
-            raise FileNotFoundError(
-                f"dataset_dir {root} has no datalist.json; write one (see README, 'Your own data') "
-                "or point dataset_dir at an empty or missing folder to generate the demo dataset there."
-            )
-        shutil.rmtree(root)  # an interrupted generation: start again
-    root.mkdir(parents=True, exist_ok=True)
-    (root / ".generating").touch()
-    logger.info("generating the demo dataset (%d participants, %.1f mm) in %s", n_participants, voxel_size, root)
-    path = make_research_demo(root, n_participants=n_participants, seed=seed, voxel_size=voxel_size)
-    (root / ".generating").unlink()
-    return path
+    return _generate_once(
+        Path(dataset_dir),
+        "ratings.tsv",
+        f"clinical demo dataset ({n_participants} participants, {voxel_size:g} mm)",
+        lambda root: make_clinical_demo(root, n_participants=n_participants, seed=seed, voxel_size=voxel_size),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

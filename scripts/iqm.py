@@ -14,8 +14,9 @@ quality metrics (IQMs) of MRQy. This module provides
 * :class:`IQMBaseline` -- IQMs for a datalist -> ``RandomForestClassifier`` tuned by
   ``RandomizedSearchCV`` (stratified, participant-grouped K-fold, balanced accuracy) -> predictions
   on the test split in the same CSV format as the CNN's evaluation, plus ``metrics.json``.
-* :func:`load_predictions` / :func:`compare_predictions` -- read two ``predictions.csv`` files and
-  run McNemar's test (``scripts.metrics.mcnemar``) on the images they share.
+
+Compare the forest with the CNN on the same test images with
+:func:`scripts.metrics.mcnemar_files` (``configs/mcnemar.yaml``).
 
 Per-slice definitions (``f``/``b``: foreground/background values; ``F = C * img``, ``B = (1 - C) *
 img`` with ``C`` the convex-hull foreground; ``P_X``: a 5x5 patch at the maximum of ``X``):
@@ -63,7 +64,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
-from scripts.metrics import McNemarResult, binary_metrics, mcnemar
+from scripts.metrics import binary_metrics
 
 __all__ = [
     "IQM_NAMES",
@@ -78,8 +79,6 @@ __all__ = [
     "default_param_distributions",
     "make_search",
     "IQMBaseline",
-    "load_predictions",
-    "compare_predictions",
     "write_predictions",
 ]
 
@@ -959,72 +958,3 @@ class IQMBaseline:
 # --------------------------------------------------------------------------------------------------
 # predictions files and McNemar
 # --------------------------------------------------------------------------------------------------
-def load_predictions(path: str) -> list[dict[str, Any]]:
-    """Read a ``predictions.csv`` (CNN evaluation or IQM baseline) -> list of rows.
-
-    Each row has image (str), participant_id (str), session_id (str), label (int), prob_motion
-    (float), prediction (int).
-
-    Raises:
-        ValueError: naming the file when a column is missing or a value is malformed.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: predictions file not found.")
-    rows = []
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = set(_PRED_COLUMNS) - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path}: missing columns {sorted(missing)}.")
-        for i, r in enumerate(reader, start=2):
-            try:
-                rows.append(
-                    {
-                        "image": r["image"],
-                        "participant_id": r["participant_id"],
-                        "session_id": r["session_id"],
-                        "label": int(r["label"]),
-                        "prob_motion": float(r["prob_motion"]),
-                        "prediction": int(r["prediction"]),
-                    }
-                )
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"{path}, line {i}: malformed value ({err}).") from err
-    return rows
-
-
-def _key(row: Mapping[str, Any], by_session: bool) -> tuple[str, ...]:
-    if by_session:
-        return (row["participant_id"], row["session_id"])
-    return (os.path.normpath(row["image"]),)
-
-
-def compare_predictions(csv_a: str, csv_b: str, exact_below: int = 25) -> McNemarResult:
-    """McNemar's test between two ``predictions.csv`` files on the images they share.
-
-    Rows are matched by (participant_id, session_id) when these identify the rows uniquely in both files,
-    otherwise by image path. Classifier A is ``csv_a``: ``b`` counts images A got right and B wrong.
-
-    Raises:
-        ValueError: if the files share no image or disagree on the label of a shared image.
-    """
-    a, b = load_predictions(csv_a), load_predictions(csv_b)
-    by_session = all(
-        all(r["participant_id"] and r["session_id"] for r in rows) and len({_key(r, True) for r in rows}) == len(rows)
-        for rows in (a, b)
-    )
-    ia = {_key(r, by_session): r for r in a}
-    ib = {_key(r, by_session): r for r in b}
-    common = [k for k in ia if k in ib]
-    if not common:
-        raise ValueError(f"{csv_a} and {csv_b} share no image.")
-    if len(common) < max(len(ia), len(ib)):
-        warnings.warn(
-            f"McNemar on the {len(common)} images shared by {csv_a} ({len(ia)}) and {csv_b} ({len(ib)}).",
-            RuntimeWarning,
-        )
-    bad = [k for k in common if ia[k]["label"] != ib[k]["label"]]
-    if bad:
-        raise ValueError(f"{csv_a} and {csv_b} disagree on the label of {len(bad)} images, e.g. {bad[0]}.")
-    labels = [ia[k]["label"] for k in common]
-    return mcnemar(labels, [ia[k]["prediction"] for k in common], [ib[k]["prediction"] for k in common], exact_below)

@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,6 @@ __all__ = [
     "trainable_module_names",
     "prepare_finetuning",
     "count_parameters",
-    "ensure_clinical_dataset",
     "bundle_config_dir",
     "run_cross_validation",
 ]
@@ -209,39 +207,6 @@ def prepare_finetuning(
 def count_parameters(network: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (optionally only those with ``requires_grad``)."""
     return sum(p.numel() for p in network.parameters() if p.requires_grad or not trainable_only)
-
-
-def ensure_clinical_dataset(
-    dataset_dir: str | os.PathLike,
-    n_participants: int = 30,
-    seed: int = 1,
-    voxel_size: float = 1.0,
-) -> Path:
-    """Return ``<dataset_dir>/ratings.tsv``, generating the clinical demo there when the folder is empty or missing.
-
-    A folder with a ``ratings.tsv`` is used as it is (your own clinical data). A non-empty folder
-    without one is an error rather than a place to write demo files into.
-    """
-    from scripts.demo import make_clinical_demo
-
-    root = Path(dataset_dir)
-    tsv = root / "ratings.tsv"
-    if tsv.is_file():
-        return tsv
-    marker = root / ".generating"
-    if root.exists() and any(p.name != ".generating" for p in root.iterdir()):
-        if not marker.exists():
-            raise FileNotFoundError(
-                f"clinical dataset_dir {root} has no ratings.tsv (columns participant_id, session_id, image, "
-                "rater_1, ...); write one, or point dataset_dir at an empty or missing folder to generate the demo."
-            )
-        shutil.rmtree(root)  # an interrupted generation: start again
-    root.mkdir(parents=True, exist_ok=True)
-    marker.touch()
-    logger.info("generating the clinical demo (%d participants, %.1f mm) in %s", n_participants, voxel_size, root)
-    make_clinical_demo(root, n_participants=n_participants, seed=seed, voxel_size=voxel_size)
-    marker.unlink()
-    return tsv
 
 
 def bundle_config_dir() -> Path:

@@ -179,6 +179,18 @@ def test_inference_on_folder_and_single_file(trained, small_demo):
     assert float(single[0]["prob_motion"]) == pytest.approx(float(rows[0]["prob_motion"]), abs=1e-5)
 
 
+def test_inference_reads_a_saved_threshold(trained, small_demo, tmp_path):
+    from scripts.metrics import write_threshold
+
+    path = tmp_path / "threshold.json"
+    write_threshold({"threshold": 0.37, "method": "youden"}, path)
+    wf = _workflow(["inference.yaml"], "infer", trained, small_demo, threshold_file=str(path))
+    wf.initialize()
+    assert wf.parser.get_parsed_content("threshold") == pytest.approx(0.37)
+    writer = wf.parser.get_parsed_content("handlers")[-1]
+    assert writer.threshold == pytest.approx(0.37)
+
+
 def test_inference_postprocessing_keeps_probabilities(trained, small_demo):
     wf = _workflow(["inference.yaml"], "infer", trained, small_demo)
     wf.initialize()

@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.demo import ensure_demo_dataset, make_clinical_demo, make_research_demo, t1_linear_grid
+from scripts.demo import ensure_clinical_dataset, ensure_demo_dataset, make_clinical_demo, make_research_demo, t1_linear_grid
 
 from conftest import SMALL_SHAPE, SMALL_VOXEL
 
@@ -88,3 +88,11 @@ def test_clinical_demo_ratings(tmp_path):
         assert (tmp_path / r["image"]).is_file()
         assert r["rater_1"] in {"0", "1", "2", "SR"} and r["rater_2"] in {"0", "1", "2", "SR", ""}
     assert any(r["rater_1"] == "SR" for r in rows)
+
+
+def test_ensure_clinical_dataset_refuses_a_foreign_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("my data")
+    with pytest.raises(FileNotFoundError, match="no ratings.tsv"):
+        ensure_clinical_dataset(tmp_path)
+    (tmp_path / "ratings.tsv").write_text("participant_id\timage\trater_1\n")
+    assert ensure_clinical_dataset(tmp_path) == tmp_path / "ratings.tsv"

@@ -20,7 +20,8 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import convex_hull_image
 
 import scripts.iqm as iqm
-from scripts.iqm import IQM_NAMES, compare_predictions, foreground_masks, slice_iqms, volume_iqms
+from scripts.iqm import IQM_NAMES, foreground_masks, slice_iqms, volume_iqms
+from scripts.metrics import mcnemar_files
 from scripts.metrics import binary_metrics
 
 BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -330,18 +331,12 @@ def test_baseline_end_to_end_and_mcnemar(tmp_path):
             pred = 1 - lab if i == 0 else lab
             w.writerow([r["image"], r["participant_id"], r["session_id"], lab, float(pred), pred])
     iqm_ok = np.array([int(r["prediction"]) == int(r["label"]) for r in rows])
-    res = compare_predictions(str(out / "predictions.csv"), str(cnn))
-    assert res.n == len(rows)
-    assert res.b == int(iqm_ok[0])  # IQM right where the CNN is wrong
-    assert res.c == int((~iqm_ok[1:]).sum())  # CNN right where the IQM forest is wrong
-    assert res.both_wrong == int(not iqm_ok[0])
-
-
-def test_load_predictions_errors(tmp_path):
-    bad = tmp_path / "p.csv"
-    bad.write_text("image,label\nx,1\n")
-    with pytest.raises(ValueError, match="missing columns"):
-        iqm.load_predictions(str(bad))
+    res = mcnemar_files(out / "predictions.csv", cnn, output=tmp_path / "mcnemar.json")
+    assert res["n"] == len(rows)
+    assert res["b"] == int(iqm_ok[0])  # IQM right where the CNN is wrong
+    assert res["c"] == int((~iqm_ok[1:]).sum())  # CNN right where the IQM forest is wrong
+    assert res["both_wrong"] == int(not iqm_ok[0])
+    assert json.loads((tmp_path / "mcnemar.json").read_text())["p_value"] == pytest.approx(res["p_value"])
 
 
 def test_config_defaults():

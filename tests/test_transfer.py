@@ -9,7 +9,6 @@ from torch import nn
 from scripts.networks import SECNN, Conv5FC3, ResNet3D, ViT3D
 from scripts.transfer import (
     count_parameters,
-    ensure_clinical_dataset,
     freeze_batchnorm_statistics,
     load_pretrained,
     prepare_finetuning,
@@ -142,11 +141,3 @@ def test_freeze_batchnorm_statistics_excludes_trained_modules():
     assert "features.0.bn1" in names and not any(n.startswith("features.3") for n in names)
     net.train()
     assert net.features[3].bn1.training and not net.features[2].bn2.training
-
-
-def test_ensure_clinical_dataset_refuses_a_foreign_folder(tmp_path):
-    (tmp_path / "notes.txt").write_text("my data")
-    with pytest.raises(FileNotFoundError, match="no ratings.tsv"):
-        ensure_clinical_dataset(tmp_path)
-    (tmp_path / "ratings.tsv").write_text("participant_id\timage\trater_1\n")
-    assert ensure_clinical_dataset(tmp_path) == tmp_path / "ratings.tsv"
