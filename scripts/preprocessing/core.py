@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,19 @@ class T1LinearSettings:
                 raise ValueError(f"bad pyramid level (shrink {shrink}, sigma {sigma} mm)")
         if not 0 < self.sampling_fraction <= 1:
             raise ValueError(f"sampling_fraction must be in (0, 1], got {self.sampling_fraction}")
+
+    @classmethod
+    def coerce(cls, settings: T1LinearSettings | Mapping[str, Any] | None) -> T1LinearSettings:
+        """Settings from ``None`` (defaults), an instance, or a dict of fields (lists become tuples)."""
+        if settings is None:
+            return cls()
+        if isinstance(settings, cls):
+            return settings
+        return cls(**{k: _tuplify(v) for k, v in dict(settings).items()})
+
+
+def _tuplify(value: Any) -> Any:
+    return tuple(_tuplify(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 @dataclass
@@ -401,14 +415,14 @@ def _quality(cropped: np.ndarray) -> float:
 # ----------------------------------------------------------------------------------------------
 def preprocess_t1_linear(
     source: str | Path | sitk.Image | nib.spatialimages.SpatialImage,
-    settings: T1LinearSettings | None = None,
+    settings: T1LinearSettings | Mapping[str, Any] | None = None,
 ) -> tuple[nib.Nifti1Image, PreprocessingResult]:
     """t1-linear preprocessing of one scan.
 
     Args:
         source: a NIfTI file, a DICOM series folder, or an in-memory 3D ITK/nibabel image (world
             geometry taken from it).
-        settings: the settings (default :class:`T1LinearSettings()`).
+        settings: the settings (an instance, a dict of its fields, or ``None`` for the defaults).
 
     Returns:
         ``(image, result)``: the bias-corrected scan in template space (nibabel, float32, RAS,
@@ -420,7 +434,7 @@ def preprocess_t1_linear(
             :data:`~scripts.preprocessing.errors.ERROR_CODES`. For ``registration_diverged`` the
             partial record is attached as ``err.result``.
     """
-    settings = settings or T1LinearSettings()
+    settings = T1LinearSettings.coerce(settings)
     if settings.threads is not None:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(settings.threads))
     name = str(source) if isinstance(source, (str, Path)) else ""

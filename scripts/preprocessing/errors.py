@@ -27,6 +27,7 @@ ERROR_CODES: dict[str, str] = {
     ),
     "write_failed": "the outputs could not be written",
     "duplicate_id": "two inputs map to the same participant/session output name",
+    "internal_error": "an unexpected exception (a bug); the reason holds its type and message",
 }
 
 

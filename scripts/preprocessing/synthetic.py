@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from .template import load_template
 
-__all__ = ["SyntheticScan", "make_head", "make_scan", "random_affine"]
+__all__ = ["SyntheticScan", "affine_from_parameters", "make_head", "make_scan", "random_affine"]
 
 #: Intensities (arbitrary units) of the synthetic tissues; the template brain is scaled by 1000.
 _CSF, _SKULL, _SCALP, _MUSCLE = 150.0, 60.0, 850.0, 450.0
@@ -55,28 +55,42 @@ def make_head(neck_bottom_mm: float = -150.0) -> tuple[sitk.Image, sitk.Image]:
     return out, brain_mask
 
 
+def affine_from_parameters(
+    angles_deg: tuple[float, float, float],
+    translation_mm: tuple[float, float, float],
+    scales: tuple[float, float, float],
+    center_ras: tuple[float, float, float] = (0.0, -18.0, 18.0),
+) -> sitk.AffineTransform:
+    """A template-to-scanner affine (ITK/LPS convention): ``x -> R S (x - c) + c + t``.
+
+    Args:
+        angles_deg: rotations about the x, y, z axes (degrees), composed as Rz Ry Rx.
+        translation_mm: translation t (LPS mm).
+        scales: per-axis scaling S, applied before the rotation.
+        center_ras: the centre c (RAS mm; roughly the brain centre).
+    """
+    ax, ay, az = np.deg2rad(angles_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    matrix = rz @ ry @ rx @ np.diag(scales)
+    center = (-center_ras[0], -center_ras[1], center_ras[2])
+    return sitk.AffineTransform(matrix.ravel().tolist(), [float(t) for t in translation_mm], center)
+
+
 def random_affine(
     rng: np.random.Generator,
     max_rotation_deg: float = 15.0,
     max_translation_mm: float = 20.0,
     max_scaling: float = 0.1,
-    center_ras: tuple[float, float, float] = (0.0, -18.0, 18.0),
 ) -> sitk.AffineTransform:
-    """A random affine mapping template points to scanner points (ITK/LPS convention).
-
-    Rotations about x, y, z are each uniform in +-``max_rotation_deg`` degrees, translations
-    uniform in +-``max_translation_mm`` mm, per-axis scaling uniform in 1 +- ``max_scaling``;
-    the linear part acts about ``center_ras`` (RAS mm; roughly the brain centre).
+    """A random :func:`affine_from_parameters`: rotations uniform in +-``max_rotation_deg`` degrees,
+    translations uniform in +-``max_translation_mm`` mm, per-axis scaling uniform in 1 +- ``max_scaling``.
     """
-    ax, ay, az = np.deg2rad(rng.uniform(-max_rotation_deg, max_rotation_deg, 3))
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    scale = np.diag(rng.uniform(1 - max_scaling, 1 + max_scaling, 3))
-    matrix = rz @ ry @ rx @ scale
+    angles = rng.uniform(-max_rotation_deg, max_rotation_deg, 3)
+    scales = rng.uniform(1 - max_scaling, 1 + max_scaling, 3)
     translation = rng.uniform(-max_translation_mm, max_translation_mm, 3)
-    center = (-center_ras[0], -center_ras[1], center_ras[2])
-    return sitk.AffineTransform(matrix.ravel().tolist(), translation.tolist(), center)
+    return affine_from_parameters(tuple(angles), tuple(translation), tuple(scales))
 
 
 @dataclass
@@ -102,6 +116,7 @@ def make_scan(
     bias_strength: float = 0.25,
     noise_fraction: float = 0.02,
     head: tuple[sitk.Image, sitk.Image] | None = None,
+    transform: sitk.AffineTransform | None = None,
     **affine_kwargs: float,
 ) -> SyntheticScan:
     """A synthetic raw scan: the head moved by a random affine, on an LPS grid, with bias and noise.
@@ -112,11 +127,13 @@ def make_scan(
         bias_strength: the log bias field spans about +-``bias_strength`` (0.25 -> x0.78..x1.28).
         noise_fraction: Rician noise sigma as a fraction of the scalp intensity.
         head: a precomputed ``make_head()`` result (saves a few seconds when making many scans).
+        transform: the template-to-scan affine; default: :func:`random_affine` with ``affine_kwargs``.
         affine_kwargs: passed to :func:`random_affine`.
     """
     rng = np.random.default_rng(seed)
     head_img, brain_mask = head if head is not None else make_head()
-    transform = random_affine(rng, **affine_kwargs)
+    random_transform = random_affine(rng, **affine_kwargs)  # drawn anyway: same noise for a seed
+    transform = transform if transform is not None else random_transform
     # bounding box of the moved head
     arr = sitk.GetArrayViewFromImage(head_img)
     nz = np.argwhere(arr > 0)
