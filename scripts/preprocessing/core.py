@@ -24,6 +24,7 @@ Steps (times are for a 1 mm head on 2 cores):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 from collections.abc import Mapping
@@ -275,47 +276,60 @@ class _Fixed:
     centre: np.ndarray
 
 
-_FIXED_CACHE: dict[tuple[int, int, float], _Fixed] = {}
+@functools.lru_cache(maxsize=2)
+def _fixed_base(mask_dilation_mm: int) -> _Fixed:
+    """Template cropped to its dilated brain mask (+5 mm), that mask, and the brain's centre (LPS mm)."""
+    template, mask = load_template()
+    dilated = mask
+    if mask_dilation_mm > 0:  # a distance map is much faster than a ball dilation
+        distance = sitk.SignedMaurerDistanceMap(mask, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+        dilated = sitk.Cast(distance <= float(mask_dilation_mm), sitk.sitkUInt8)
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(dilated)
+    x0, y0, z0, sx, sy, sz = stats.GetBoundingBox(1)
+    lo = [max(0, v - 5) for v in (x0, y0, z0)]
+    hi = [min(n, v + s + 5) for v, s, n in zip((x0, y0, z0), (sx, sy, sz), template.GetSize(), strict=True)]
+    size = [h - low for h, low in zip(hi, lo, strict=True)]
+    stats.Execute(mask)
+    return _Fixed(
+        image=sitk.RegionOfInterest(template, size, lo),
+        mask=sitk.RegionOfInterest(dilated, size, lo),
+        centre=np.asarray(stats.GetCentroid(1)),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _fixed_level(mask_dilation_mm: int, shrink: int, sigma_mm: float) -> _Fixed:
+    base = _fixed_base(mask_dilation_mm)
+    image, mask = base.image, sitk.Cast(base.mask, sitk.sitkFloat32)
+    if sigma_mm > 0:
+        image = sitk.SmoothingRecursiveGaussian(image, sigma_mm)
+    if shrink > 1:
+        image = sitk.BinShrink(image, [shrink] * 3)
+        mask = sitk.BinShrink(mask, [shrink] * 3)
+    return _Fixed(image=image, mask=sitk.Cast(mask > 0.5, sitk.sitkUInt8), centre=base.centre)
 
 
 def _fixed(settings: T1LinearSettings, shrink: int, sigma_mm: float) -> _Fixed:
-    """Template level: cropped to its dilated brain mask (+5 mm), smoothed, shrunk; cached per process.
-
-    Returns the template image, the sampling mask (dilated brain mask) on the same grid, and the
-    template brain's centre of mass (LPS mm).
-    """
-    key = (settings.mask_dilation_mm, shrink, sigma_mm)
-    if key not in _FIXED_CACHE:
-        template, mask = load_template()
-        dilated = sitk.BinaryDilate(mask, [settings.mask_dilation_mm] * 3) if settings.mask_dilation_mm > 0 else mask
-        stats = sitk.LabelShapeStatisticsImageFilter()
-        stats.Execute(dilated)
-        x0, y0, z0, sx, sy, sz = stats.GetBoundingBox(1)
-        lo = [max(0, v - 5) for v in (x0, y0, z0)]
-        hi = [min(n, v + s + 5) for v, s, n in zip((x0, y0, z0), (sx, sy, sz), template.GetSize(), strict=True)]
-        size = [h - low for h, low in zip(hi, lo, strict=True)]
-        stats.Execute(mask)
-        image = sitk.RegionOfInterest(template, size, lo)
-        level_mask = sitk.Cast(sitk.RegionOfInterest(dilated, size, lo), sitk.sitkFloat32)
-        if sigma_mm > 0:
-            image = sitk.SmoothingRecursiveGaussian(image, sigma_mm)
-        if shrink > 1:
-            image = sitk.BinShrink(image, [shrink] * 3)
-            level_mask = sitk.BinShrink(level_mask, [shrink] * 3)
-        _FIXED_CACHE[key] = _Fixed(
-            image=image,
-            mask=sitk.Cast(level_mask > 0.5, sitk.sitkUInt8),
-            centre=np.asarray(stats.GetCentroid(1)),
-        )
-    return _FIXED_CACHE[key]
+    """Template at one pyramid level (smoothed, shrunk), its sampling mask (the brain mask dilated
+    by ``mask_dilation_mm``) and the template brain's centre of mass; cached per process."""
+    return _fixed_level(int(settings.mask_dilation_mm), int(shrink), float(sigma_mm))
 
 
-def _moving_level(moving: sitk.Image, shrink: int, sigma_mm: float) -> sitk.Image:
-    """Scan at one pyramid level: Gaussian-smoothed, then bin-shrunk to about ``shrink / 2`` mm voxels."""
-    if sigma_mm > 0:
-        moving = sitk.SmoothingRecursiveGaussian(moving, sigma_mm)
-    factors = [max(1, int(round(shrink / 2.0 / s))) for s in moving.GetSpacing()]
-    return sitk.BinShrink(moving, factors) if max(factors) > 1 else moving
+def _moving_pyramid(moving: sitk.Image, levels: set[tuple[int, float]]) -> dict[tuple[int, float], sitk.Image]:
+    """The scan at each pyramid level: Gaussian-smoothed (sigma in mm) and bin-shrunk to about
+    ``shrink / 2`` mm voxels. Levels are built fine to coarse, each from the previous one, so the
+    full-resolution image is smoothed only once."""
+    pyramid: dict[tuple[int, float], sitk.Image] = {}
+    current, current_sigma = moving, 0.0
+    for shrink, sigma in sorted(levels, key=lambda level: (level[1], level[0])):
+        extra = float(np.sqrt(max(sigma**2 - current_sigma**2, 0.0)))
+        image = sitk.SmoothingRecursiveGaussian(current, extra) if extra > 0 else current
+        factors = [max(1, int(round(shrink / 2.0 / sp))) for sp in current.GetSpacing()]
+        pyramid[(shrink, sigma)] = sitk.BinShrink(image, factors) if max(factors) > 1 else image
+        if sigma > 0:
+            current, current_sigma = pyramid[(shrink, sigma)], sigma
+    return pyramid
 
 
 def _run_level(
@@ -380,12 +394,10 @@ def register(
 
     first = settings.rigid_levels[0] if settings.rigid_levels else settings.affine_levels[0]
     rigid = _initial_transform(head_mask, _fixed(settings, *first).centre)
-    pyramid: dict[tuple[int, float], sitk.Image] = {}
+    pyramid = _moving_pyramid(moving, {(int(k), float(s)) for k, s in (*settings.rigid_levels, *settings.affine_levels)})
 
     def level_images(shrink: int, sigma: float) -> tuple[_Fixed, sitk.Image]:
-        if (shrink, sigma) not in pyramid:
-            pyramid[(shrink, sigma)] = _moving_level(moving, shrink, sigma)
-        return _fixed(settings, shrink, sigma), pyramid[(shrink, sigma)]
+        return _fixed(settings, shrink, sigma), pyramid[(int(shrink), float(sigma))]
 
     metric = float("nan")
     for shrink, sigma in settings.rigid_levels:
