@@ -25,6 +25,7 @@ __all__ = [
     "image_from_array",
     "image_to_array",
     "image_to_nifti",
+    "is_image_file",
     "nifti_to_image",
     "ras_affine",
     "read_image",
