@@ -6,9 +6,10 @@ several voxel sizes. Each scan is preprocessed in a fresh process (so its peak m
 with a fixed number of ITK threads.
 
 With ``--reference`` the first scan is also run with an ANTs/Clinica-like schedule implemented
-with the same ITK code (N4 run to the full 4x50 iterations, 25 % metric sampling with no cap,
-ITK's own smoothing of full images); ANTs itself is not installed here, so this is the nearest
-reference available in the same run.
+with the same ITK code (N4 run to the full 4x50 iterations, 25 % metric sampling with no cap);
+ANTs itself is not installed here, so this is the nearest
+reference available in the same run. (Both use this package's pyramid, so the difference shows
+what the N4 convergence threshold and the sample cap save.)
 
 Usage::
 
