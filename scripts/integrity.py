@@ -16,7 +16,7 @@ both hashes. Files without an entry, or entries without ``hash_val``, are loaded
 locally trained ``models/model.pt`` has no published hash).
 
 Used by ``configs/inference.yaml`` and ``configs/evaluate.yaml`` (``VerifiedCheckpointLoader``), by
-``scripts.export`` and by the MONAI Label app in ``apps/monailabel``.
+``scripts.export`` and by the MONAI Label app in ``apps/motion_classification``.
 """
 
 from __future__ import annotations
@@ -101,6 +101,9 @@ def read_large_files(path: str | os.PathLike) -> list[dict[str, Any]]:
     for i, entry in enumerate(content["large_files"]):
         if not isinstance(entry, Mapping) or not entry.get("path"):
             raise ValueError(f"{path}: entry {i} has no 'path'.")
+        hash_val = entry.get("hash_val")
+        if hash_val is not None and not isinstance(hash_val, str):  # e.g. unquoted all-digit YAML -> int
+            raise ValueError(f"{path}: entry {i} ({entry['path']}) has a hash_val that is not a string; quote it.")
         hash_type = str(entry.get("hash_type") or "md5").lower()  # MONAI's default hash type is md5
         if entry.get("hash_val") and hash_type not in _HASH_TYPES:
             raise ValueError(f"{path}: entry {i} ({entry['path']}) has unsupported hash_type {hash_type!r}.")

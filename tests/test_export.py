@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from conftest import BUNDLE_ROOT, SMALL_SHAPE
+from ecosystem_helpers import save_small_model
 from scripts.export import (
     export_onnx,
     export_torchscript,
@@ -20,7 +21,6 @@ from scripts.export import (
     max_probability_difference,
 )
 from scripts.integrity import WeightIntegrityError, file_hash
-from scripts.networks import Conv5FC3
 
 CONFIG = str(BUNDLE_ROOT / "configs" / "inference.yaml")
 
@@ -29,14 +29,7 @@ CONFIG = str(BUNDLE_ROOT / "configs" / "inference.yaml")
 def bundle(tmp_path_factory) -> Path:
     """A bundle root holding a freshly initialised small Conv5FC3 with non-trivial BatchNorm statistics."""
     root = tmp_path_factory.mktemp("export_bundle")
-    torch.manual_seed(11)
-    net = Conv5FC3(input_size=SMALL_SHAPE)
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm3d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-    (root / "models").mkdir()
-    torch.save(net.state_dict(), root / "models" / "model.pt")
+    save_small_model(root / "models" / "model.pt", seed=11)
     return root
 
 

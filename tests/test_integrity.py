@@ -12,6 +12,7 @@ from ignite.engine import Engine
 from monai.bundle import ConfigWorkflow
 
 from conftest import BUNDLE_ROOT, SMALL_SHAPE
+from ecosystem_helpers import save_small_model
 from scripts.integrity import (
     VerifiedCheckpointLoader,
     WeightIntegrityError,
@@ -84,21 +85,16 @@ def test_malformed_large_files_are_reported(tmp_path):
     bad.write_text("large_files:\n  - {path: a, hash_val: ff, hash_type: crc32}\n")
     with pytest.raises(ValueError, match="unsupported hash_type"):
         read_large_files(bad)
+    bad.write_text("large_files:\n  - {path: a, hash_val: 0123, hash_type: md5}\n")  # YAML reads an int
+    with pytest.raises(ValueError, match="not a string; quote it"):
+        read_large_files(bad)
     with pytest.raises(FileNotFoundError):
         verify_file(tmp_path / "missing.pt", tmp_path)
 
 
-def _save_small_model(path: Path, seed: int) -> Conv5FC3:
-    torch.manual_seed(seed)
-    net = Conv5FC3(input_size=SMALL_SHAPE)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), path)
-    return net
-
-
 def test_verified_checkpoint_loader_loads_or_refuses(tmp_path):
     weights = tmp_path / "models" / "model.pt"
-    source = _save_small_model(weights, seed=1)
+    source = save_small_model(weights, seed=1)
     spec = {"large_files": [{"path": "models/model.pt", "url": "u", "hash_val": file_hash(weights), "hash_type": "sha256"}]}
     (tmp_path / "large_files.yml").write_text(yaml.safe_dump(spec))
 
@@ -107,14 +103,14 @@ def test_verified_checkpoint_loader_loads_or_refuses(tmp_path):
     VerifiedCheckpointLoader(load_path=str(weights), load_dict={"model": target}, bundle_root=str(tmp_path))(engine)
     assert torch.equal(target.state_dict()["fc.6.weight"], source.state_dict()["fc.6.weight"])
 
-    _save_small_model(weights, seed=2)  # same size, other values
+    save_small_model(weights, seed=2)  # same size, other values
     with pytest.raises(WeightIntegrityError, match="failed its integrity check"):
         VerifiedCheckpointLoader(load_path=str(weights), load_dict={"model": target}, bundle_root=str(tmp_path))(engine)
 
 
 def test_inference_config_refuses_tampered_weights(small_demo, tmp_path):
     weights = tmp_path / "models" / "model.pt"
-    _save_small_model(weights, seed=3)
+    save_small_model(weights, seed=3)
     spec = {"large_files": [{"path": "models/model.pt", "url": "u", "hash_val": file_hash(weights), "hash_type": "sha256"}]}
     (tmp_path / "large_files.yml").write_text(yaml.safe_dump(spec))
     scan = sorted(small_demo.rglob("*.nii.gz"))[0]

@@ -14,13 +14,12 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from monai.bundle import ConfigWorkflow
 
 from conftest import BUNDLE_ROOT, SMALL_SHAPE
+from ecosystem_helpers import save_small_model
 from scripts.integrity import WeightIntegrityError, file_hash, verify_file
-from scripts.networks import Conv5FC3
 from scripts.package import BUNDLE_NAME, build_package, bundle_files, bundle_version, main, zip_name
 
 VERSION = bundle_version(BUNDLE_ROOT)
@@ -51,14 +50,8 @@ def http_dir(tmp_path) -> Iterator[tuple[Path, str]]:
 @pytest.fixture(scope="module")
 def small_weights(tmp_path_factory) -> Path:
     """A freshly initialised small Conv5FC3 (43x52x45 input) as a plain state dict."""
-    torch.manual_seed(7)
-    net = Conv5FC3(input_size=SMALL_SHAPE)
-    for m in net.modules():  # non-trivial BatchNorm statistics so eval mode differs from identity
-        if isinstance(m, torch.nn.BatchNorm3d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
     path = tmp_path_factory.mktemp("weights") / "model.pt"
-    torch.save(net.state_dict(), path)
+    save_small_model(path, seed=7)
     return path
 
 
