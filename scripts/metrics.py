@@ -68,6 +68,19 @@ def _safe_div(num: float, den: float) -> float:
     return float(num) / float(den) if den > 0 else float("nan")
 
 
+def _as_arrays(labels: Sequence[int] | np.ndarray, prob: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (int64, 0/1) and probabilities (float64) as flat arrays, checked."""
+    y = np.asarray(labels).astype(np.int64).ravel()
+    p = np.asarray(prob, dtype=np.float64).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"labels ({y.size}) and probabilities ({p.size}) differ in length.")
+    if y.size == 0:
+        raise ValueError("no predictions to evaluate.")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError(f"labels must be 0 or 1, got values {sorted(set(y.tolist()))}.")
+    return y, p
+
+
 def binary_metrics(
     labels: Sequence[int] | np.ndarray,
     prob_motion: Sequence[float] | np.ndarray,
@@ -87,14 +100,7 @@ def binary_metrics(
     Raises:
         ValueError: if the inputs differ in length, are empty, or labels are not 0/1.
     """
-    y = np.asarray(labels).astype(np.int64).ravel()
-    p = np.asarray(prob_motion, dtype=np.float64).ravel()
-    if y.shape != p.shape:
-        raise ValueError(f"labels ({y.size}) and probabilities ({p.size}) differ in length.")
-    if y.size == 0:
-        raise ValueError("no predictions to evaluate.")
-    if not np.isin(y, (0, 1)).all():
-        raise ValueError(f"labels must be 0 or 1, got values {sorted(set(y.tolist()))}.")
+    y, p = _as_arrays(labels, prob_motion)
     pred = (p >= threshold).astype(np.int64)
     tp = int(((pred == 1) & (y == 1)).sum())
     tn = int(((pred == 0) & (y == 0)).sum())
@@ -190,15 +196,6 @@ def mcnemar(
 #: metrics given bootstrap confidence intervals.
 BOOTSTRAP_METRICS = ("balanced_accuracy", "sensitivity", "specificity", "roc_auc")
 
-
-def _as_arrays(labels: Sequence[int] | np.ndarray, prob: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    y = np.asarray(labels).astype(np.int64).ravel()
-    p = np.asarray(prob, dtype=np.float64).ravel()
-    if y.shape != p.shape or y.size == 0:
-        raise ValueError(f"labels ({y.size}) and probabilities ({p.size}) must be non-empty and of equal length.")
-    if not np.isin(y, (0, 1)).all():
-        raise ValueError(f"labels must be 0 or 1, got values {sorted(set(y.tolist()))}.")
-    return y, p
 
 
 def bootstrap_ci(
