@@ -67,3 +67,17 @@ def test_dft_matrices_match_fft():
     spec = torch.fft.fft(x, dim=-1)[:, freqs % 17]
     torch.testing.assert_close(x @ cos, spec.real)
     torch.testing.assert_close(-(x @ sin), spec.imag)
+
+
+def test_auto_backend_never_compiles_inside_dataloader_workers():
+    """torch.compile deadlocks after fork: in a DataLoader worker "auto" must use grid_sample."""
+    from unittest import mock
+
+    from scripts.motion import resample as rs
+
+    vol = torch.rand(1, 6, 7, 8)
+    eye, zero = torch.eye(3), torch.zeros(3)
+    with mock.patch.object(rs, "_compiled_backend", side_effect=AssertionError("compiled in a worker")), \
+            mock.patch("torch.utils.data.get_worker_info", return_value=object()):
+        out = rs.resample_rigid(vol, eye, zero, backend="auto")
+    assert torch.allclose(out, vol, atol=1e-5)
