@@ -19,9 +19,9 @@ Two interchangeable back-ends compute the same numbers:
     a fused gather kernel produced by :func:`torch.compile` (about 6x faster than ``grid_sample`` on
     CPU; needs a C++ compiler, compiles once per process, ~10-20 s).
 ``"auto"``
-    ``"grid_sample"`` on CUDA and inside DataLoader worker processes (where ``torch.compile``
-    deadlocks after fork); ``"compiled"`` on CPU in the main process, falling back to
-    ``"grid_sample"`` (with one warning) when compilation is impossible.
+    ``"grid_sample"`` on CUDA; ``"compiled"`` on CPU, falling back to ``"grid_sample"`` (with one
+    warning) when compilation is impossible. In forked DataLoader workers the kernel is compiled
+    synchronously (``compile_threads = 1``): inductor's compile pool does not survive ``fork``.
 """
 
 from __future__ import annotations
@@ -211,11 +211,14 @@ def resample_rigid(
     fill_t = torch.as_tensor(fill, dtype=vol.dtype, device=vol.device).expand(nb).contiguous()
     vol = vol.contiguous()
     if backend == "auto":
-        # torch.compile hangs in forked DataLoader workers (inductor's compile pool deadlocks after
-        # fork), so "auto" compiles only in the main process of a CPU run.
-        in_worker = torch.utils.data.get_worker_info() is not None
-        backend = "compiled" if vol.device.type == "cpu" and not in_worker else "grid_sample"
+        backend = "grid_sample" if vol.device.type != "cpu" else "compiled"
     if backend == "compiled":
+        if torch.utils.data.get_worker_info() is not None:
+            # in a forked DataLoader worker inductor's compile thread pool (inherited from the parent,
+            # its threads gone) never answers: compile synchronously in this process instead
+            import torch._inductor.config as inductor_config
+
+            inductor_config.compile_threads = 1
         fn = _compiled_backend()
         if fn is not None:
             try:
