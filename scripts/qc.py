@@ -162,13 +162,17 @@ def collect_inputs(source: str | os.PathLike | Iterable[Any], datalist_key: str 
     its ``anat/*_T1w`` images), a datalist JSON (split ``datalist_key``), a CSV/TSV list with an
     ``image`` or ``path`` column (relative paths against its folder; every listed path becomes an
     item, even one that does not exist or is not an image: it gets an error row), one file, or a list
-    of these. Items are de-duplicated by absolute path (first wins).
+    of these (where a path that does not exist becomes an item). Items are de-duplicated by absolute
+    path (first wins).
 
     Raises:
         FileNotFoundError: ``source`` itself does not exist (a fatal error: nothing to do).
     """
     if not isinstance(source, (str, os.PathLike)):
-        items = [it for s in source for it in collect_inputs(s, datalist_key)]
+        items = []
+        for s in source:  # in a list, a path that does not exist is an input (it gets a not_found row)
+            missing = isinstance(s, (str, os.PathLike)) and not Path(os.path.expanduser(str(s))).exists()
+            items += [{"image": os.path.expanduser(str(s))}] if missing else collect_inputs(s, datalist_key)
     else:
         path = Path(os.path.expanduser(str(source)))
         if not path.exists():
