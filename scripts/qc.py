@@ -246,9 +246,13 @@ def _template_on_grid(spatial_size: Sequence[int]) -> tuple[np.ndarray, np.ndarr
 
         template, mask = template_on_crop_grid()
         voxel = _grid_voxel(key)
-        coords = np.meshgrid(*[np.arange(n) * voxel for n in key], indexing="ij")
-        template = ndimage.map_coordinates(template, coords, order=1, mode="constant").astype(np.float32)
-        mask = ndimage.map_coordinates(mask.astype(np.float32), coords, order=0, mode="constant") > 0.5
+        step = int(round(voxel))
+        if abs(voxel - step) < 1e-6 and tuple(template[::step, ::step, ::step].shape) == key:  # a sub-grid: exact
+            template, mask = template[::step, ::step, ::step].astype(np.float32), mask[::step, ::step, ::step]
+        else:
+            coords = np.meshgrid(*[np.arange(n) * voxel for n in key], indexing="ij")
+            template = ndimage.map_coordinates(template, coords, order=1, mode="constant").astype(np.float32)
+            mask = ndimage.map_coordinates(mask.astype(np.float32), coords, order=0, mode="constant") > 0.5
         dist = ndimage.distance_transform_edt(~mask, sampling=voxel)
         _TEMPLATES[key] = (template, mask, (dist >= 4.0) & (dist <= 12.0))
     return _TEMPLATES[key]
@@ -646,6 +650,7 @@ class QCJob:
         self._bar: Any = None
         self._new_rows = 0
         self._cam: Any = None
+        self._logits: torch.Tensor | None = None
 
     # -- setup ---------------------------------------------------------------------------------
     def _load_weights(self) -> None:
@@ -678,6 +683,8 @@ class QCJob:
             "QC rank %d/%d: %d inputs in this shard, %d already recorded, %d to do (%d in total).",
             self.rank, self.world_size, len(shard), len(shard) - len(pending), len(pending), len(items),
         )
+        if pending:  # computed once here, inherited by forked workers
+            _template_on_grid(self.loader.spatial_size)
         self._journal_file = open(self.state_dir / _JOURNAL.format(rank=self.rank), "a")
         if self.progress:
             from tqdm import tqdm
@@ -803,15 +810,28 @@ class QCJob:
             return torch.softmax(logits.float(), dim=1)[:, self.motion_index].cpu()
 
     def _score(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Motion probabilities (and thumbnails) of the scored items of ``batch``; failures become statuses."""
         scored = [r for r in batch if r["status"] in SCORED_STATUSES]
         if scored:
             start = time.perf_counter()
-            try:
-                probs = self._forward(torch.stack([r["image"] for r in scored]).to(self.device)).tolist()
-                results: list[tuple[float | None, str, str]] = [(p, "", "") for p in probs]
-            except Exception:  # noqa: BLE001 - retried one by one below
-                self._free_memory()
-                results = [self._score_one(r) for r in scored]
+            maps: dict[int, np.ndarray | None] = {}
+            if self.thumbnails and self.saliency == "gradcam":  # one pass gives probability and map
+                results = []
+                for r in scored:
+                    try:
+                        prob, maps[id(r)] = self._gradcam(r["image"])
+                        results.append((prob, "", ""))
+                    except Exception as err:  # noqa: BLE001 - fall back to a plain forward pass
+                        logger.warning("Grad-CAM failed for %s (%s); scoring without saliency.", r["path"], err)
+                        self._free_memory()
+                        results.append(self._score_one(r))
+            else:
+                try:
+                    probs = self._forward(torch.stack([r["image"] for r in scored]).to(self.device)).tolist()
+                    results = [(p, "", "") for p in probs]
+                except Exception:  # noqa: BLE001 - retried one by one below
+                    self._free_memory()
+                    results = [self._score_one(r) for r in scored]
             share = (time.perf_counter() - start) / len(scored)
             for r, (prob, code, reason) in zip(scored, results):
                 r["seconds"] += share
@@ -821,7 +841,7 @@ class QCJob:
                 r["prob_motion"] = prob
                 if self.thumbnails:
                     t = time.perf_counter()
-                    self._thumbnail(r)
+                    self._thumbnail(r, maps[id(r)] if id(r) in maps else self._occlusion(r))
                     r["seconds"] += time.perf_counter() - t
         for r in batch:
             r.pop("image", None)
@@ -841,42 +861,56 @@ class QCJob:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def saliency_map(self, image: torch.Tensor) -> np.ndarray | None:
-        """Saliency of the motion class for one (1, X, Y, Z) image, as an (X, Y, Z) array in [0, 1]."""
-        if self.saliency == "none":
-            return None
-        x = image[None].to(self.device)
-        if self.saliency == "gradcam":
+    def _gradcam(self, image: torch.Tensor) -> tuple[float, np.ndarray]:
+        """Motion probability and Grad-CAM map ((X, Y, Z), [0, 1]) of one (1, X, Y, Z) image.
+
+        MONAI's GradCAM on ``saliency_layer``, made cheap: the weights do not require gradients and
+        the graph is cut at the target layer (its output becomes a leaf), so the backward pass only
+        runs through the layers above it; the forward pass also gives the probability.
+        """
+        if self._cam is None:
+            import warnings
+
             from monai.visualize import GradCAM
 
-            if self._cam is None:
-                self._cam = GradCAM(nn_module=self.network, target_layers=self.saliency_layer)
-            sal = self._cam(x, class_idx=self.motion_index)
-        else:
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for param in self.network.parameters():
+                param.requires_grad_(False)
+            layer = dict(self.network.named_modules())[self.saliency_layer]
+            layer.register_forward_hook(lambda module, args, output: output.detach().requires_grad_(True))
+            self.network.register_forward_hook(lambda module, args, output: setattr(self, "_logits", output.detach()))
+            self._cam = GradCAM(nn_module=self.network, target_layers=self.saliency_layer)
+        sal = self._cam(image[None].to(self.device), class_idx=self.motion_index)
+        prob = torch.softmax(self._logits.float(), dim=1)[0, self.motion_index].item()
+        return prob, sal.detach().cpu().numpy()[0, 0]
+
+    def _occlusion(self, r: dict[str, Any]) -> np.ndarray | None:
+        """MONAI occlusion sensitivity of the motion class ((X, Y, Z), [0, 1]), or None (saliency off/failed)."""
+        if self.saliency != "occlusion":
+            return None
+        try:
             from monai.visualize import OcclusionSensitivity
 
             if self._cam is None:
-                self._cam = OcclusionSensitivity(nn_module=self.network, mask_size=max(2, x.shape[2] // 6),
-                                                 overlap=0.0, n_batch=8, mode="mean_img")
+                size = max(2, int(r["image"].shape[1]) // 6)
+                self._cam = OcclusionSensitivity(nn_module=self.network, mask_size=size, overlap=0.0, n_batch=8,
+                                                 mode="mean_img")
             with torch.no_grad():
-                occ, _ = self._cam(x)
-            # a drop of the motion logit when a region is hidden = the region pushes towards motion
+                occ, _ = self._cam(r["image"][None].to(self.device))
+            # hiding a region lowers the motion logit: the region pushes towards motion
             sal = -occ[:, self.motion_index : self.motion_index + 1]
-            sal = sal - sal.min()
-            sal = sal / sal.max().clamp(min=1e-8)
-        return sal.detach().cpu().numpy()[0, 0]
+            sal = (sal - sal.min()) / (sal.max() - sal.min()).clamp(min=1e-8)
+            return sal.cpu().numpy()[0, 0]
+        except Exception as err:  # noqa: BLE001 - a picture must not fail the scan
+            logger.warning("occlusion sensitivity failed for %s: %s", r["path"], err)
+            return None
 
-    def _thumbnail(self, r: dict[str, Any]) -> None:
+    def _thumbnail(self, r: dict[str, Any], saliency: np.ndarray | None) -> None:
         from scripts.preprocessing.io import atomic_write
         from scripts.qc_report import render_thumbnail
 
         try:
-            sal = self.saliency_map(r["image"])
-        except Exception as err:  # noqa: BLE001 - a picture must not fail the scan
-            logger.warning("saliency failed for %s: %s", r["path"], err)
-            sal = None
-        try:
-            data = render_thumbnail(r["image"][0].numpy(), sal)
+            data = render_thumbnail(r["image"][0].numpy(), saliency)
             atomic_write(self.output_dir / "qc_thumbnails" / thumbnail_name(r["path"]), lambda tmp: tmp.write_bytes(data))
         except Exception as err:  # noqa: BLE001
             logger.warning("thumbnail failed for %s: %s", r["path"], err)
@@ -908,7 +942,7 @@ class QCJob:
 
     def _record(self, r: Mapping[str, Any]) -> None:
         row = self._row(r)
-        self._journal_file.write(json.dumps(row) + "\n")
+        self._journal_file.write(json.dumps({**row, "recorded_at": round(time.time(), 3)}) + "\n")
         self._journal_file.flush()
         os.fsync(self._journal_file.fileno())
         if self._bar is not None:

@@ -326,3 +326,23 @@ def test_rerun_with_a_new_threshold_only_redoes_decisions(batch, tmp_path):
     rows = read_qc_table(out / "qc.tsv")
     assert len(read_journal(out / ".qc")) == len(rows) == len(batch["cases"])  # nothing re-scored
     assert {r["decision"] for r in rows if r["prob_motion"]} == {"motion"} and {r["threshold"] for r in rows} == {"0"}
+
+
+def test_cut_graph_gradcam_equals_monai_gradcam(tmp_path):
+    from monai.visualize import GradCAM
+
+    from scripts.networks import Conv5FC3
+
+    net = save_small_model(tmp_path / "a.pt", seed=11)
+    reference_net = Conv5FC3(input_size=SMALL_SHAPE)
+    reference_net.load_state_dict(net.state_dict())
+    torch.manual_seed(0)
+    x = torch.randn(1, *SMALL_SHAPE)
+    job = QCJob(input=[], network=net, output_dir=tmp_path / "o", loader=ScanLoader(SMALL_SHAPE), progress=False)
+    results = [job._gradcam(x * s) for s in (1.0, -1.0)]
+    for (prob, fast), s in zip(results, (1.0, -1.0)):
+        expected = GradCAM(nn_module=reference_net.eval(), target_layers="convolutions.14")(x[None] * s, class_idx=1)
+        np.testing.assert_allclose(fast, expected[0, 0].detach().numpy(), atol=1e-5)
+        with torch.no_grad():
+            assert prob == pytest.approx(torch.softmax(reference_net(x[None] * s), 1)[0, 1].item(), abs=1e-6)
+    assert max(float(np.max(m)) for _, m in results) > 0  # a real map somewhere, not all zeros
