@@ -150,6 +150,11 @@ def test_evaluate_writes_predictions_and_metrics(trained, small_demo):
     assert metrics["balanced_accuracy"] is not None
 
 
+def _qc_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
 def test_inference_on_folder_and_single_file(trained, small_demo):
     _cli(
         "--config_file", "configs/inference.yaml",
@@ -158,12 +163,12 @@ def test_inference_on_folder_and_single_file(trained, small_demo):
         "--spatial_size", str(list(SMALL_SHAPE)),
         "--num_workers", "0",
     )
-    with (trained / "eval" / "inference" / "predictions.csv").open() as f:
-        rows = list(csv.DictReader(f))
+    rows = _qc_rows(trained / "eval" / "inference" / "qc.tsv")
     assert len(rows) == len(list(small_demo.rglob("*.nii.gz")))
-    assert list(rows[0]) == ["image", "participant_id", "session_id", "prob_motion", "prediction"]
-    assert all(0.0 <= float(r["prob_motion"]) <= 1.0 for r in rows)
-    one = rows[0]["image"]
+    assert list(rows[0])[:7] == ["participant_id", "session_id", "path", "status", "reason", "prob_motion", "decision"]
+    assert all(r["status"] == "ok" and 0.0 <= float(r["prob_motion"]) <= 1.0 for r in rows)
+    assert (trained / "eval" / "inference" / "qc_report.html").is_file()
+    one = rows[0]["path"]
     out_one = trained / "one"
     _cli(
         "--config_file", "configs/inference.yaml",
@@ -173,9 +178,8 @@ def test_inference_on_folder_and_single_file(trained, small_demo):
         "--spatial_size", str(list(SMALL_SHAPE)),
         "--num_workers", "0",
     )
-    with (out_one / "predictions.csv").open() as f:
-        single = list(csv.DictReader(f))
-    assert len(single) == 1 and single[0]["image"] == one
+    single = _qc_rows(out_one / "qc.tsv")
+    assert len(single) == 1 and single[0]["path"] == one
     assert float(single[0]["prob_motion"]) == pytest.approx(float(rows[0]["prob_motion"]), abs=1e-5)
 
 
@@ -189,6 +193,7 @@ def test_inference_reads_a_saved_threshold(trained, small_demo, tmp_path):
     assert wf.parser.get_parsed_content("threshold") == pytest.approx(0.37)
     writer = wf.parser.get_parsed_content("handlers")[-1]
     assert writer.threshold == pytest.approx(0.37)
+    assert wf.parser.get_parsed_content("qc").threshold == pytest.approx(0.37)
 
 
 def test_inference_postprocessing_keeps_probabilities(trained, small_demo):

@@ -129,8 +129,8 @@ def test_inference_config_refuses_tampered_weights(small_demo, tmp_path):
         wf.run()
         wf.finalize()
 
-    run()  # genuine weights: runs and writes the CSV
-    assert (tmp_path / "eval" / "inference" / "predictions.csv").is_file()
+    run()  # genuine weights: runs and writes the table
+    assert (tmp_path / "eval" / "inference" / "qc.tsv").is_file()
     state = torch.load(weights, weights_only=True)
     state["fc.6.bias"] += 1.0
     torch.save(state, weights)

@@ -60,9 +60,9 @@ def _run_bundle(*args: str, cwd: Path) -> None:
     assert proc.returncode == 0, f"monai.bundle {args[0]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
 
-def _probabilities(csv_path: Path) -> dict[str, float]:
-    with csv_path.open() as f:
-        return {Path(r["image"]).name: float(r["prob_motion"]) for r in csv.DictReader(f)}
+def _probabilities(tsv_path: Path) -> dict[str, float]:
+    with tsv_path.open() as f:
+        return {Path(r["path"]).name: float(r["prob_motion"]) for r in csv.DictReader(f, delimiter="\t")}
 
 
 def test_zip_layout_and_reproducibility(small_weights, tmp_path):
@@ -125,7 +125,7 @@ def test_download_with_url_then_inference_matches(small_weights, small_demo, htt
     # inference as a user runs it, from the downloaded bundle's own folder
     _run_bundle("run", "--config_file", "configs/inference.yaml", "--input", scans, "--spatial_size", SMALL,
                 "--num_workers", "0", cwd=downloaded)
-    got = _probabilities(downloaded / "eval" / "inference" / "predictions.csv")
+    got = _probabilities(downloaded / "eval" / "inference" / "qc.tsv")
 
     # reference: the repository's configs with the same weights
     ref_root = tmp_path / "reference"
@@ -137,7 +137,7 @@ def test_download_with_url_then_inference_matches(small_weights, small_demo, htt
     wf.initialize()
     wf.run()
     wf.finalize()
-    expected = _probabilities(ref_root / "eval" / "inference" / "predictions.csv")
+    expected = _probabilities(ref_root / "eval" / "inference" / "qc.tsv")
     assert got.keys() == expected.keys() and len(got) == 8
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-6)

@@ -1,0 +1,991 @@
+"""Batch quality control: a motion probability, a decision and a picture for every scan of a batch.
+
+The job behind ``configs/inference.yaml``. It takes a folder (searched recursively), a BIDS dataset,
+a CSV/TSV list or a datalist, and writes one TSV per run, ``<output_dir>/qc.tsv``, with one row per
+input (see :data:`TSV_COLUMNS`) and an HTML report (:mod:`scripts.qc_report`).
+
+It never dies on one scan: every input ends with a row whose ``status`` is ``ok``, ``warning``
+(scored, with a caveat in ``reason``) or an error code of :data:`QC_STATUSES` (not scored). It is
+resumable: results go to an append-only journal (one JSON line per scan, flushed and fsynced) and
+the TSV is rewritten atomically from it; a re-run skips what is recorded, so a run killed at any
+moment restarts and ends with every input exactly once. A scan whose processing killed a worker
+process (or the whole job, e.g. the out-of-memory killer) is retried alone; if it dies alone twice it
+is recorded as ``worker_crashed``.
+
+Pipeline per scan (in worker processes, overlapping with inference in the main process):
+read (ITK: NIfTI, MetaImage, NRRD, DICOM series folder; reoriented to RAS) -> input checks ->
+t1-linear space? (shape and affine, or ``input_space``) else T1Linear preprocessing (N4 + affine to
+MNI) -> brain checks in t1-linear space -> the config's intensity normalisation. The main process
+batches the scans through the network, adds a Grad-CAM saliency map and writes a thumbnail.
+
+Exit code of ``python -m monai.bundle run --config_file configs/inference.yaml``: 0 when every input
+has its row (whatever the statuses); 1 on a fatal problem before any scan is processed (``--input``
+does not exist, weights fail their integrity check, bad config); 3 with ``--strict true`` when at
+least one input failed (rows are still all written).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from scripts.datalist import bids_entities, load_datalist
+
+__all__ = [
+    "QC_STATUSES",
+    "SCORED_STATUSES",
+    "TSV_COLUMNS",
+    "QCError",
+    "ScanLoader",
+    "QCJob",
+    "bundle_version",
+    "collect_inputs",
+    "read_journal",
+    "read_qc_table",
+    "thumbnail_name",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Statuses of a row. ``ok`` and ``warning`` rows are scored; the others are not.
+QC_STATUSES: dict[str, str] = {
+    "ok": "scored",
+    "warning": "scored, but the reason names something unusual (e.g. the image looks skull-stripped)",
+    "not_found": "the input path does not exist",
+    "empty_file": "the file has 0 bytes",
+    "empty_folder": "the folder holds no file",
+    "unsupported_format": "not a NIfTI/MetaImage/NRRD file or a DICOM series folder (by extension)",
+    "unreadable": "the file or folder could not be read as an image (corrupt, truncated, not an image)",
+    "not_3d": "not a 3D volume (2D, 4D with more than one volume, vector pixels, a single slice)",
+    "too_small": "fewer than 8 voxels or under 60 mm of field of view along an axis",
+    "low_resolution": "voxels coarser than max_voxel_mm along an axis (thick slices)",
+    "non_finite": "NaN or infinite voxels",
+    "empty": "no usable intensities (all zero, constant or almost empty)",
+    "not_brain": "a t1-linear-space image that does not look like a brain (low correlation with the template)",
+    "wrong_space": "input_space is t1_linear but the image is not on the t1-linear grid",
+    "dicom_missing_slice": "a DICOM series with a gap of about a slice or more",
+    "dicom_nonuniform_spacing": "a DICOM series with unequal slice spacing or non-parallel slices",
+    "registration_failed": "ITK failed during bias correction or registration",
+    "registration_diverged": "the registration to the template is implausible (reflection, scaling, low correlation)",
+    "out_of_memory": "the network ran out of memory on this scan, even alone",
+    "inference_failed": "the network raised an error on this scan",
+    "worker_crashed": "the process handling this scan died twice with the scan alone (out-of-memory killer?)",
+    "internal_error": "an unexpected exception (a bug); the reason holds its type and message",
+}
+SCORED_STATUSES = ("ok", "warning")
+
+#: Columns of ``qc.tsv``, in order.
+TSV_COLUMNS = (
+    "participant_id",
+    "session_id",
+    "path",
+    "status",
+    "reason",
+    "prob_motion",
+    "decision",
+    "threshold",
+    "input_space",
+    "model_sha256",
+    "bundle_version",
+    "seconds",
+)
+
+#: File suffixes read as one volume; folders are read as DICOM series.
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".img", ".hdr", ".dcm")
+_T1_LINEAR_ORIGIN = (-84.0, -119.0, -78.0)
+_T1_LINEAR_EXTENT = (168.0, 207.0, 178.0)
+_ATTEMPTS = "attempts-rank{rank}.jsonl"
+_JOURNAL = "journal-rank{rank}.jsonl"
+
+
+class QCError(Exception):
+    """A scan that cannot be scored: ``code`` (a key of :data:`QC_STATUSES`) and ``reason``."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        if code not in QC_STATUSES:
+            raise ValueError(f"unknown QC status {code!r}")
+        super().__init__(f"[{code}] {reason}")
+        self.code, self.reason = code, reason
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------
+def _has_suffix(name: str, suffixes: Sequence[str]) -> bool:
+    return name.lower().endswith(tuple(suffixes))
+
+
+def _is_dicom_candidate(folder: Path) -> bool:
+    """A folder whose visible files are not volume files (e.g. DICOM slices without extension)."""
+    files = [f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")]
+    return bool(files) and not any(_has_suffix(f.name, IMAGE_SUFFIXES[:-1]) for f in files) and not any(
+        f.suffix.lower() in (".json", ".tsv", ".csv", ".txt", ".md") for f in files
+    )
+
+
+def _scan_folder(root: Path) -> list[Path]:
+    """Scans under a folder: BIDS ``sub-*/[ses-*/]anat/*_T1w.*`` when it is a BIDS dataset, else every
+    volume file and every folder that looks like a DICOM series, recursively (sorted)."""
+    subjects = sorted(p for p in root.glob("sub-*") if p.is_dir())
+    if subjects and (root / "dataset_description.json").is_file():
+        found = sorted(p for p in root.glob("sub-*/**/anat/*_T1w.*") if _has_suffix(p.name, (".nii", ".nii.gz")))
+        if found:
+            return found
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames.sort()
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if here != root and not dirnames and _is_dicom_candidate(here):
+            out.append(here)
+            continue
+        out.extend(here / f for f in sorted(filenames) if _has_suffix(f, IMAGE_SUFFIXES[:-1]) and not f.startswith("."))
+    return out
+
+
+def collect_inputs(source: str | os.PathLike | Iterable[Any], datalist_key: str = "test") -> list[dict[str, Any]]:
+    """Items ``{"image", "participant_id", "session_id"}`` of everything a batch QC job is pointed at.
+
+    ``source`` may be a folder (recursive; a BIDS dataset, with ``dataset_description.json``, yields
+    its ``anat/*_T1w`` images), a datalist JSON (split ``datalist_key``), a CSV/TSV list with an
+    ``image`` or ``path`` column (relative paths against its folder; every listed path becomes an
+    item, even one that does not exist or is not an image: it gets an error row), one file, or a list
+    of these (where a path that does not exist becomes an item). Items are de-duplicated by absolute
+    path (first wins).
+
+    Raises:
+        FileNotFoundError: ``source`` itself does not exist (a fatal error: nothing to do).
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        items = []
+        for s in source:  # in a list, a path that does not exist is an input (it gets a not_found row)
+            missing = isinstance(s, (str, os.PathLike)) and not Path(os.path.expanduser(str(s))).exists()
+            items += [{"image": os.path.expanduser(str(s))}] if missing else collect_inputs(s, datalist_key)
+    else:
+        path = Path(os.path.expanduser(str(source)))
+        if not path.exists():
+            raise FileNotFoundError(f"QC input {path} does not exist.")
+        if path.is_dir():
+            items = [{"image": str(p)} for p in _scan_folder(path)]
+            if not items:
+                logger.warning("folder %s holds no scan (NIfTI, MetaImage, NRRD or DICOM folder).", path)
+        elif path.suffix.lower() == ".json":
+            items = load_datalist(path, datalist_key)
+        elif path.suffix.lower() in (".csv", ".tsv"):
+            with path.open(newline="") as f:
+                rows = list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+            column = next((c for c in ("image", "path") if rows and c in rows[0]), None)
+            if rows and column is None:
+                raise ValueError(f"{path} needs an 'image' or 'path' column.")
+            items = []
+            for row in rows:
+                image = Path(os.path.expanduser(row.pop(column)))
+                items.append({**row, "image": str(image if image.is_absolute() else path.parent / image)})
+        else:
+            items = [{"image": str(path)}]
+    seen: set[str] = set()
+    out = []
+    for item in items:
+        key = os.path.abspath(str(item["image"]))
+        if key in seen:
+            logger.warning("input %s is listed twice; scored once.", key)
+            continue
+        seen.add(key)
+        entities = bids_entities(key)
+        out.append({**item, "image": key, **{k: item.get(k) or v for k, v in entities.items()}})
+    return out
+
+
+def bundle_version(bundle_root: str | os.PathLike = ".") -> str:
+    """The ``version`` of ``<bundle_root>/configs/metadata.json``, else of this package's bundle."""
+    for root in (Path(bundle_root), Path(__file__).resolve().parents[1]):
+        meta = root / "configs" / "metadata.json"
+        if meta.is_file():
+            try:
+                return str(json.loads(meta.read_text()).get("version", "unknown"))
+            except (OSError, ValueError):
+                continue
+    return "unknown"
+
+
+def thumbnail_name(path: str) -> str:
+    """File name of a scan's thumbnail (JPEG) inside ``<output_dir>/qc_thumbnails``."""
+    return hashlib.sha1(path.encode()).hexdigest()[:20] + ".jpg"
+
+
+# ---------------------------------------------------------------------------------------------
+# per-scan loading (worker processes)
+# ---------------------------------------------------------------------------------------------
+def _grid_voxel(spatial_size: Sequence[int]) -> float:
+    """Voxel size (mm) of the t1-linear box sampled on ``spatial_size`` (1 for 169x208x179, 4 for 43x52x45)."""
+    return _T1_LINEAR_EXTENT[0] / (int(spatial_size[0]) - 1)
+
+
+_TEMPLATES: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+def _template_on_grid(spatial_size: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Template intensities, brain mask and a 4-12 mm shell outside the brain on the QC grid (cached)."""
+    key = tuple(int(s) for s in spatial_size)
+    if key not in _TEMPLATES:
+        from scipy import ndimage
+
+        from scripts.preprocessing.template import template_on_crop_grid
+
+        template, mask = template_on_crop_grid()
+        voxel = _grid_voxel(key)
+        step = int(round(voxel))
+        if abs(voxel - step) < 1e-6 and tuple(template[::step, ::step, ::step].shape) == key:  # a sub-grid: exact
+            template, mask = template[::step, ::step, ::step].astype(np.float32), mask[::step, ::step, ::step]
+        else:
+            coords = np.meshgrid(*[np.arange(n) * voxel for n in key], indexing="ij")
+            template = ndimage.map_coordinates(template, coords, order=1, mode="constant").astype(np.float32)
+            mask = ndimage.map_coordinates(mask.astype(np.float32), coords, order=0, mode="constant") > 0.5
+        dist = ndimage.distance_transform_edt(~mask, sampling=voxel)
+        _TEMPLATES[key] = (template, mask, (dist >= 4.0) & (dist <= 12.0))
+    return _TEMPLATES[key]
+
+
+def _read_nifti(path: Path) -> Any:
+    """Read a NIfTI file with nibabel (as MONAI's LoadImage does), checking it fully, into a RAS ITK image.
+
+    nibabel refuses truncated files and keeps NaN/Inf voxels (ITK's reader may silently zero-fill
+    a truncated ``.nii.gz``). Raises :class:`QCError` (``unreadable``, ``not_3d``, ``non_finite``) or
+    ``PreprocessingError`` (``too_small``, ``unreadable`` for a sheared affine).
+    """
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    from scripts.preprocessing.io import _check_geometry, nifti_to_image
+
+    try:
+        img = nib.load(str(path))
+        shape = tuple(int(s) for s in img.shape)
+        if len(shape) == 4 and shape[3] == 1:
+            shape = shape[:3]
+        if len(shape) != 3:
+            extra = f" with {shape[3]} volumes" if len(shape) == 4 else ""
+            raise QCError("not_3d", f"{len(shape)}D image{extra} (shape {tuple(img.shape)})")
+        data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+    except QCError:
+        raise
+    except Exception as err:  # noqa: BLE001 - nibabel/gzip/zlib raise many types for corrupt files
+        raise QCError("unreadable", f"not a readable NIfTI file ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise QCError("non_finite", f"{int((~finite).sum())} NaN or infinite voxels")
+    image = nifti_to_image(nib.Nifti1Image(data, img.affine))
+    _check_geometry(image, path)
+    return sitk.DICOMOrient(image, "RAS")
+
+
+class ScanLoader:
+    """Turn one input item into a normalised t1-linear-space tensor, or an error record; never raises.
+
+    Called in worker processes. Returns ``{"path", "participant_id", "session_id", "status",
+    "reason", "input_space", "seconds", "image"}`` where ``image`` is a (1, X, Y, Z) float32 tensor
+    (normalised) for scored statuses and absent otherwise.
+
+    Args:
+        spatial_size: the network's input grid (169x208x179 at 1 mm; smaller grids sample the same box).
+        normalize: callable on ``{"image": MetaTensor}`` (the config's intensity normalisation).
+        input_space: ``"auto"`` (t1-linear if shape and affine say so), ``"t1_linear"`` or ``"raw"``.
+        max_voxel_mm: raw scans with a voxel coarser than this along an axis get ``low_resolution``.
+        min_brain_correlation: t1-linear images correlating less with the template (inside its brain
+            mask) get ``not_brain``.
+        min_skull_ratio: mean intensity 4-12 mm outside the brain over the mean inside it; below
+            this the image looks skull-stripped (``warning``; the model was trained on heads).
+        t1_linear_settings: settings of :func:`scripts.preprocessing.preprocess_t1_linear`.
+        attempts_path: JSONL file where each start is logged (crash isolation); None: no log.
+    """
+
+    def __init__(
+        self,
+        spatial_size: Sequence[int] = (169, 208, 179),
+        normalize: Callable[[dict], dict] | None = None,
+        input_space: str = "auto",
+        max_voxel_mm: float = 3.0,
+        min_brain_correlation: float = 0.4,
+        min_skull_ratio: float = 0.1,
+        t1_linear_settings: Mapping[str, Any] | None = None,
+        attempts_path: str | os.PathLike | None = None,
+    ) -> None:
+        if input_space not in ("auto", "t1_linear", "raw"):
+            raise ValueError(f"input_space must be 'auto', 't1_linear' or 'raw', got {input_space!r}.")
+        self.spatial_size = tuple(int(s) for s in spatial_size)
+        self.normalize = normalize
+        self.input_space = input_space
+        self.max_voxel_mm = float(max_voxel_mm)
+        self.min_brain_correlation = float(min_brain_correlation)
+        self.min_skull_ratio = float(min_skull_ratio)
+        self.t1_linear_settings = dict(t1_linear_settings or {})
+        self.attempts_path = str(attempts_path) if attempts_path else None
+        self.isolated = False
+
+    def __call__(self, item: Mapping[str, Any]) -> dict[str, Any]:
+        path = str(item["image"])
+        start = time.perf_counter()
+        out: dict[str, Any] = {
+            "path": path,
+            "participant_id": item.get("participant_id", ""),
+            "session_id": item.get("session_id", ""),
+            "input_space": "",
+        }
+        self._log_start(path)
+        try:
+            image, space, warnings = self.load(path)
+            out.update(status="warning" if warnings else "ok", reason="; ".join(warnings), input_space=space, image=image)
+        except QCError as err:
+            out.update(status=err.code, reason=err.reason)
+        except Exception as err:  # noqa: BLE001 - one scan must never stop the batch
+            from scripts.preprocessing.errors import PreprocessingError
+
+            if isinstance(err, PreprocessingError):
+                out.update(status=err.code if err.code in QC_STATUSES else "internal_error", reason=err.reason)
+            elif isinstance(err, MemoryError):
+                out.update(status="out_of_memory", reason="out of memory while reading or preprocessing")
+            else:
+                last = traceback.format_exception_only(type(err), err)[-1].strip()
+                out.update(status="internal_error", reason=last[:500])
+        out["seconds"] = time.perf_counter() - start
+        return out
+
+    def _log_start(self, path: str) -> None:
+        if self.attempts_path:
+            line = json.dumps({"path": path, "isolated": self.isolated, "pid": os.getpid()}) + "\n"
+            with open(self.attempts_path, "a") as f:
+                f.write(line)
+
+    # -- steps ---------------------------------------------------------------------------------
+    def load(self, path: str) -> tuple[torch.Tensor, str, list[str]]:
+        """(normalised (1, X, Y, Z) tensor, ``"t1_linear"`` or ``"raw"``, warnings); raises QCError."""
+        from scripts.preprocessing.io import image_to_array, ras_affine, read_image
+
+        p = Path(path)
+        if not p.exists():
+            raise QCError("not_found", "no such file or folder")
+        if p.is_dir():
+            if not any(f.is_file() for f in p.rglob("*")):
+                raise QCError("empty_folder", "the folder holds no file")
+        else:
+            if p.stat().st_size == 0:
+                raise QCError("empty_file", "the file is empty (0 bytes)")
+            if not _has_suffix(p.name, IMAGE_SUFFIXES):
+                raise QCError(
+                    "unsupported_format",
+                    f"extension {''.join(p.suffixes) or '(none)'} is not one of {', '.join(IMAGE_SUFFIXES)} "
+                    "(or a DICOM series folder)",
+                )
+        if p.is_file() and _has_suffix(p.name, (".nii", ".nii.gz")):
+            image = _read_nifti(p)
+        else:
+            image, _ = read_image(p)  # PreprocessingError: unreadable, not_3d, too_small, dicom_*
+        array = image_to_array(image)
+        affine = ras_affine(image)
+        finite = np.isfinite(array)
+        if not finite.all():
+            raise QCError("non_finite", f"{int((~finite).sum())} NaN or infinite voxels")
+        lo, hi = float(array.min()), float(array.max())
+        if hi <= lo:
+            raise QCError("empty", f"constant image (all voxels = {lo:g})")
+        if hi <= 0:
+            raise QCError("empty", f"no positive intensity (max {hi:g})")
+        space = self._space(array.shape, affine, p)
+        warnings: list[str] = []
+        if space == "raw":
+            spacing = np.asarray(image.GetSpacing())
+            if spacing.max() > self.max_voxel_mm:
+                raise QCError(
+                    "low_resolution",
+                    f"voxel size {tuple(round(float(s), 2) for s in spacing)} mm; at most {self.max_voxel_mm:g} mm "
+                    "along every axis is supported (a 3D T1w acquisition)",
+                )
+            array = self._t1_linear(image)
+        del image
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        warnings += self._brain_checks(array)
+        from monai.data import MetaTensor
+
+        from scripts.demo import t1_linear_grid
+
+        tensor = MetaTensor(torch.from_numpy(array)[None], affine=torch.as_tensor(t1_linear_grid(_grid_voxel(self.spatial_size))[1]))
+        tensor.meta["filename_or_obj"] = path
+        if self.normalize is not None:
+            tensor = self.normalize({"image": tensor})["image"]
+        tensor = torch.as_tensor(tensor).float()
+        if not bool(torch.isfinite(tensor).all()):
+            raise QCError("empty", "intensity normalisation produced non-finite values")
+        return tensor, space, warnings
+
+    def _space(self, shape: Sequence[int], affine: np.ndarray, path: Path) -> str:
+        on_grid = tuple(shape) == self.spatial_size
+        if on_grid:
+            voxel = _grid_voxel(self.spatial_size)
+            expected = np.diag([voxel, voxel, voxel, 1.0])
+            expected[:3, 3] = _T1_LINEAR_ORIGIN
+            on_grid = bool(np.allclose(affine[:3, :3], expected[:3, :3], atol=1e-3 * voxel)) and bool(
+                np.allclose(affine[:3, 3], expected[:3, 3], atol=0.5 * voxel)
+            )
+        if self.input_space == "raw":
+            return "raw"
+        if self.input_space == "t1_linear":
+            if tuple(shape) != self.spatial_size:
+                raise QCError("wrong_space", f"shape {tuple(shape)} is not the t1-linear grid {self.spatial_size}")
+            return "t1_linear"
+        return "t1_linear" if on_grid else "raw"
+
+    def _t1_linear(self, image: Any) -> np.ndarray:
+        """T1Linear preprocessing of a raw ITK image, then resampling to ``spatial_size`` if smaller."""
+        from scripts.preprocessing import preprocess_t1_linear
+
+        nifti, _ = preprocess_t1_linear(image, self.t1_linear_settings or None)
+        array = np.asarray(nifti.dataobj, dtype=np.float32)
+        if array.shape != self.spatial_size:
+            from scipy import ndimage
+
+            voxel = _grid_voxel(self.spatial_size)
+            coords = np.meshgrid(*[np.arange(n) * voxel for n in self.spatial_size], indexing="ij")
+            array = ndimage.map_coordinates(array, coords, order=1, mode="nearest").astype(np.float32)
+        return array
+
+    def _brain_checks(self, array: np.ndarray) -> list[str]:
+        template, mask, shell = _template_on_grid(self.spatial_size)
+        a = array[mask].astype(np.float64)
+        b = template[mask].astype(np.float64)
+        a, b = a - a.mean(), b - b.mean()
+        denom = math.sqrt(float((a * a).sum() * (b * b).sum()))
+        corr = float((a * b).sum() / denom) if denom > 0 else 0.0
+        if corr < self.min_brain_correlation:
+            raise QCError(
+                "not_brain",
+                f"correlation with the MNI template inside its brain mask is {corr:.2f} "
+                f"(< {self.min_brain_correlation:g}): not a brain in t1-linear space",
+            )
+        inside = float(np.abs(array[mask]).mean())
+        ratio = float(np.abs(array[shell]).mean()) / inside if inside > 0 else 0.0
+        if ratio < self.min_skull_ratio:
+            return [
+                f"looks skull-stripped (signal 4-12 mm outside the brain is {ratio:.2f} of the brain's, "
+                f"< {self.min_skull_ratio:g}); the model was trained on images with skull and scalp"
+            ]
+        return []
+
+
+# ---------------------------------------------------------------------------------------------
+# journal and table
+# ---------------------------------------------------------------------------------------------
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Lines of a JSONL file; a torn or corrupt line (killed mid-write) is skipped."""
+    if not path.is_file():
+        return []
+    out = []
+    with path.open() as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "path" in record:
+                out.append(record)
+    return out
+
+
+def read_journal(state_dir: str | os.PathLike, model_sha256: str | None = None) -> dict[str, dict[str, Any]]:
+    """Rows recorded by all ranks' journals in ``state_dir``, keyed by path.
+
+    With ``model_sha256``, only rows scored by that model count (a re-run with other weights redoes
+    the scans); otherwise the first record of a path wins.
+    """
+    rows: dict[str, dict[str, Any]] = {}
+    for journal in sorted(Path(state_dir).glob("journal-rank*.jsonl")):
+        for record in _read_jsonl(journal):
+            if model_sha256 is None or record.get("model_sha256") == model_sha256:
+                rows.setdefault(record["path"], record)
+    return rows
+
+
+def read_qc_table(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Rows of a ``qc.tsv``."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def _write_table(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    from scripts.preprocessing.io import atomic_write
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=TSV_COLUMNS, delimiter="\t", extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
+# ---------------------------------------------------------------------------------------------
+# the job
+# ---------------------------------------------------------------------------------------------
+def _load_in_worker(loader: ScanLoader, item: Mapping[str, Any]) -> dict[str, Any]:
+    """Run ``loader`` in a worker process; the image travels back as a numpy array."""
+    out = loader(item)
+    if "image" in out:
+        out["image"] = out["image"].numpy()
+    return out
+
+
+def _worker_init(threads: int) -> None:
+    try:
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, int(threads)))
+    except ImportError:  # pragma: no cover
+        pass
+    torch.set_num_threads(1)
+
+
+class _WorkerDied(RuntimeError):
+    pass
+
+
+class QCJob:
+    """Batch QC of every input: never dies on a scan, resumable, one TSV + one HTML report.
+
+    Args:
+        input: what :func:`collect_inputs` takes. datalist_key: split of a datalist input.
+        network: the classifier (logits of shape (B, num_classes)).
+        output_dir: where ``qc.tsv``, ``qc_report.html``, ``qc_thumbnails/`` and ``.qc/`` (journal) go.
+        loader: a :class:`ScanLoader`.
+        ckpt_path: weights, loaded into ``network`` after the integrity check of
+            :func:`scripts.integrity.verify_file` (``bundle_root``'s ``large_files.yml``); None: use as is.
+        bundle_root: bundle root (integrity check, version).
+        threshold: decision threshold on the motion probability.
+        device: network device. batch_size: scans per forward pass. num_workers: preprocessing
+            worker processes (0: in the main process). prefetch_factor: batches each worker prepares ahead.
+        motion_index: class index of motion.
+        inferer: optional MONAI inferer ``inferer(inputs, network)``.
+        saliency: ``"gradcam"`` (MONAI GradCAM on ``saliency_layer``), ``"occlusion"`` (MONAI
+            OcclusionSensitivity, slower) or ``"none"``.
+        thumbnails: write a JPEG per scored scan (three central slices + saliency) for the report.
+        report: write ``qc_report.html`` at the end (rank 0).
+        progress: tqdm progress bar (rate, ETA) on stderr.
+        flush_every: rewrite ``qc.tsv`` every this many new rows (it is always written at the end).
+        strict: raise ``SystemExit(3)`` at the end when an input failed.
+        multiprocessing_context: worker start method (None: the platform default).
+        rank, world_size: shard of this process (default: from ``torch.distributed`` when
+            initialised, else 0 of 1). Rank 0 merges every rank's journal into the TSV.
+    """
+
+    def __init__(
+        self,
+        input: Any,
+        network: torch.nn.Module,
+        output_dir: str | os.PathLike,
+        loader: ScanLoader,
+        ckpt_path: str | os.PathLike | None = None,
+        bundle_root: str | os.PathLike = ".",
+        threshold: float = 0.5,
+        datalist_key: str = "test",
+        device: str | torch.device = "cpu",
+        batch_size: int = 1,
+        num_workers: int = 2,
+        prefetch_factor: int = 2,
+        motion_index: int = 1,
+        inferer: Callable | None = None,
+        saliency: str = "gradcam",
+        saliency_layer: str = "convolutions.14",
+        thumbnails: bool = True,
+        report: bool = True,
+        report_page_size: int = 50,
+        progress: bool = True,
+        flush_every: int = 200,
+        strict: bool = False,
+        multiprocessing_context: str | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        if saliency not in ("gradcam", "occlusion", "none"):
+            raise ValueError(f"saliency must be 'gradcam', 'occlusion' or 'none', got {saliency!r}.")
+        self.input = input
+        self.datalist_key = datalist_key
+        self.network = network
+        self.output_dir = Path(output_dir)
+        self.state_dir = self.output_dir / ".qc"
+        self.loader = loader
+        self.ckpt_path = ckpt_path
+        self.bundle_root = bundle_root
+        self.threshold = float(threshold)
+        self.device = torch.device(device)
+        self.batch_size = max(1, int(batch_size))
+        self.num_workers = max(0, int(num_workers))
+        self.prefetch_factor = max(1, int(prefetch_factor))
+        self.motion_index = int(motion_index)
+        self.inferer = inferer
+        self.saliency = saliency
+        self.saliency_layer = saliency_layer
+        self.thumbnails = bool(thumbnails)
+        self.report = bool(report)
+        self.report_page_size = int(report_page_size)
+        self.progress = bool(progress)
+        self.flush_every = max(1, int(flush_every))
+        self.strict = bool(strict)
+        self.multiprocessing_context = multiprocessing_context
+        dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = int(rank) if rank is not None else (torch.distributed.get_rank() if dist_on else 0)
+        self.world_size = int(world_size) if world_size is not None else (torch.distributed.get_world_size() if dist_on else 1)
+        self.model_sha256 = ""
+        self.version = bundle_version(bundle_root)
+        self._journal_file: Any = None
+        self._bar: Any = None
+        self._new_rows = 0
+        self._cam: Any = None
+        self._logits: torch.Tensor | None = None
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _load_weights(self) -> None:
+        from scripts.integrity import file_hash, verify_file
+
+        if self.ckpt_path is None:
+            self.model_sha256 = "untrained"
+        else:
+            verify_file(self.ckpt_path, self.bundle_root)  # WeightIntegrityError: fatal
+            state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+            self.network.load_state_dict(state)
+            self.model_sha256 = file_hash(self.ckpt_path)
+        self.network.to(self.device).eval()
+
+    @property
+    def table_path(self) -> Path:
+        return self.output_dir / "qc.tsv"
+
+    # -- main ----------------------------------------------------------------------------------
+    def run(self) -> dict[str, int]:
+        """Process every input not yet recorded; returns ``{status: count}`` over all inputs."""
+        items = collect_inputs(self.input, self.datalist_key)  # FileNotFoundError: fatal
+        self._load_weights()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "qc_thumbnails").mkdir(parents=True, exist_ok=True)
+        shard = items[self.rank :: self.world_size]
+        done = self._recorded()
+        pending = [it for it in shard if it["image"] not in done]
+        logger.info(
+            "QC rank %d/%d: %d inputs in this shard, %d already recorded, %d to do (%d in total).",
+            self.rank, self.world_size, len(shard), len(shard) - len(pending), len(pending), len(items),
+        )
+        if pending:  # computed once here, inherited by forked workers
+            _template_on_grid(self.loader.spatial_size)
+        self._journal_file = open(self.state_dir / _JOURNAL.format(rank=self.rank), "a")
+        if self.progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=len(shard), initial=len(shard) - len(pending), desc=f"QC rank {self.rank}",
+                             unit="scan", dynamic_ncols=True, position=self.rank)
+        try:
+            self._process_all(pending)
+        finally:
+            self._journal_file.close()
+            if self._bar is not None:
+                self._bar.close()
+        if self.world_size > 1:
+            torch.distributed.barrier()
+        counts: dict[str, int] = {}
+        if self.rank == 0:
+            rows = self._write_outputs(items)
+            for row in rows:
+                counts[row["status"]] = counts.get(row["status"], 0) + 1
+            logger.info("QC finished: %d inputs, %s; table %s", len(rows), counts, self.table_path)
+        if self.world_size > 1:
+            torch.distributed.barrier()
+        if self.strict and any(s not in SCORED_STATUSES for s in counts):
+            raise SystemExit(3)
+        return counts
+
+    def _attempts(self) -> dict[str, list[bool]]:
+        starts: dict[str, list[bool]] = {}
+        for path in self.state_dir.glob("attempts-rank*.jsonl"):
+            for record in _read_jsonl(path):
+                starts.setdefault(record["path"], []).append(bool(record.get("isolated")))
+        return starts
+
+    def _process_all(self, pending: list[dict[str, Any]]) -> None:
+        self.loader.attempts_path = str(self.state_dir / _ATTEMPTS.format(rank=self.rank))
+        remaining = {it["image"]: it for it in pending}
+        # scans that were in flight when an earlier run died go first, one at a time
+        starts = self._attempts()
+        suspects = [k for k in remaining if k in starts]
+        while remaining:
+            for key in suspects:
+                if key not in remaining:
+                    continue
+                while key in remaining:
+                    if sum(self._attempts().get(key, [])) >= 2:  # died twice while alone
+                        self._record(self._failure(remaining[key], "worker_crashed",
+                                                   "the process handling this scan died twice while it was processed alone"))
+                        remaining.pop(key)
+                        break
+                    try:
+                        self._run_loader([remaining[key]], isolated=True, remaining=remaining)
+                    except _WorkerDied as err:
+                        logger.warning("a worker died on %s alone (%s); retrying once.", key, err)
+            if not remaining:
+                break
+            try:
+                self._run_loader(list(remaining.values()), isolated=False, remaining=remaining)
+            except _WorkerDied as err:
+                starts = self._attempts()
+                suspects = [k for k in remaining if k in starts]
+                logger.warning("a preprocessing worker died (%s); %d in-flight scans are retried alone.", err, len(suspects))
+
+    def _run_loader(self, items: list[dict[str, Any]], isolated: bool, remaining: dict[str, Any]) -> None:
+        """Load ``items`` in worker processes (a window of ``num_workers * prefetch_factor`` in
+        flight, so preprocessing overlaps inference) and score them in batches as they arrive.
+
+        Raises:
+            _WorkerDied: a worker process died (its pool is broken); the caller isolates suspects.
+        """
+        self.loader.isolated = isolated
+        batch_size = 1 if isolated else self.batch_size
+        if self.num_workers == 0:
+            for start in range(0, len(items), batch_size):
+                self._score_and_record([self.loader(it) for it in items[start : start + batch_size]], remaining)
+            return
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        workers = 1 if isolated else self.num_workers
+        window = 1 if isolated else workers * self.prefetch_factor
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        context = multiprocessing.get_context(self.multiprocessing_context)
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(threads,))
+        queue = iter(items)
+        inflight: dict[Any, dict[str, Any]] = {}
+        ready: list[dict[str, Any]] = []
+        try:
+            while True:
+                while len(inflight) < window:
+                    item = next(queue, None)
+                    if item is None:
+                        break
+                    inflight[pool.submit(_load_in_worker, self.loader, item)] = item
+                if not inflight:
+                    break
+                done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+                for future in done:
+                    inflight.pop(future)
+                    try:
+                        out = future.result()
+                    except Exception as err:  # noqa: BLE001 - the loader never raises: the pool broke
+                        for start in range(0, len(ready), batch_size):  # keep what already arrived
+                            self._score_and_record(ready[start : start + batch_size], remaining)
+                        raise _WorkerDied(f"{type(err).__name__}: {err}") from None
+                    if "image" in out:
+                        out["image"] = torch.from_numpy(out["image"])
+                    ready.append(out)
+                while len(ready) >= batch_size or (ready and not inflight):
+                    self._score_and_record(ready[:batch_size], remaining)
+                    ready = ready[batch_size:]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _score_and_record(self, batch: list[dict[str, Any]], remaining: dict[str, Any]) -> None:
+        for row in self._score(batch):
+            self._record(row)
+            remaining.pop(row["path"], None)
+
+    # -- inference -----------------------------------------------------------------------------
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            logits = self.inferer(x, self.network) if self.inferer is not None else self.network(x)
+            return torch.softmax(logits.float(), dim=1)[:, self.motion_index].cpu()
+
+    def _score(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Motion probabilities (and thumbnails) of the scored items of ``batch``; failures become statuses."""
+        scored = [r for r in batch if r["status"] in SCORED_STATUSES]
+        if scored:
+            start = time.perf_counter()
+            maps: dict[int, np.ndarray | None] = {}
+            if self.thumbnails and self.saliency == "gradcam":  # one pass gives probability and map
+                results = []
+                for r in scored:
+                    try:
+                        prob, maps[id(r)] = self._gradcam(r["image"])
+                        results.append((prob, "", ""))
+                    except Exception as err:  # noqa: BLE001 - fall back to a plain forward pass
+                        logger.warning("Grad-CAM failed for %s (%s); scoring without saliency.", r["path"], err)
+                        self._free_memory()
+                        results.append(self._score_one(r))
+            else:
+                try:
+                    probs = self._forward(torch.stack([r["image"] for r in scored]).to(self.device)).tolist()
+                    results = [(p, "", "") for p in probs]
+                except Exception:  # noqa: BLE001 - retried one by one below
+                    self._free_memory()
+                    results = [self._score_one(r) for r in scored]
+            share = (time.perf_counter() - start) / len(scored)
+            for r, (prob, code, reason) in zip(scored, results):
+                r["seconds"] += share
+                if prob is None:
+                    r.update(status=code, reason=reason)
+                    continue
+                r["prob_motion"] = prob
+                if self.thumbnails:
+                    t = time.perf_counter()
+                    self._thumbnail(r, maps[id(r)] if id(r) in maps else self._occlusion(r))
+                    r["seconds"] += time.perf_counter() - t
+        for r in batch:
+            r.pop("image", None)
+        return batch
+
+    def _score_one(self, r: dict[str, Any]) -> tuple[float | None, str, str]:
+        try:
+            return float(self._forward(r["image"][None].to(self.device))[0]), "", ""
+        except Exception as err:  # noqa: BLE001
+            self._free_memory()
+            if isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(err).lower():
+                return None, "out_of_memory", f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            last = traceback.format_exception_only(type(err), err)[-1].strip()
+            return None, "inference_failed", last[:500]
+
+    def _free_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _gradcam(self, image: torch.Tensor) -> tuple[float, np.ndarray]:
+        """Motion probability and Grad-CAM map ((X, Y, Z), [0, 1]) of one (1, X, Y, Z) image.
+
+        MONAI's GradCAM on ``saliency_layer``, made cheap: the weights do not require gradients and
+        the graph is cut at the target layer (its output becomes a leaf), so the backward pass only
+        runs through the layers above it; the forward pass also gives the probability.
+        """
+        if self._cam is None:
+            import warnings
+
+            from monai.visualize import GradCAM
+
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for param in self.network.parameters():
+                param.requires_grad_(False)
+            layer = dict(self.network.named_modules())[self.saliency_layer]
+            layer.register_forward_hook(lambda module, args, output: output.detach().requires_grad_(True))
+            self.network.register_forward_hook(lambda module, args, output: setattr(self, "_logits", output.detach()))
+            self._cam = GradCAM(nn_module=self.network, target_layers=self.saliency_layer)
+        sal = self._cam(image[None].to(self.device), class_idx=self.motion_index)
+        prob = torch.softmax(self._logits.float(), dim=1)[0, self.motion_index].item()
+        return prob, sal.detach().cpu().numpy()[0, 0]
+
+    def _occlusion(self, r: dict[str, Any]) -> np.ndarray | None:
+        """MONAI occlusion sensitivity of the motion class ((X, Y, Z), [0, 1]), or None (saliency off/failed)."""
+        if self.saliency != "occlusion":
+            return None
+        try:
+            from monai.visualize import OcclusionSensitivity
+
+            if self._cam is None:
+                size = max(2, int(r["image"].shape[1]) // 6)
+                self._cam = OcclusionSensitivity(nn_module=self.network, mask_size=size, overlap=0.0, n_batch=8,
+                                                 mode="mean_img")
+            with torch.no_grad():
+                occ, _ = self._cam(r["image"][None].to(self.device))
+            # hiding a region lowers the motion logit: the region pushes towards motion
+            sal = -occ[:, self.motion_index : self.motion_index + 1]
+            sal = (sal - sal.min()) / (sal.max() - sal.min()).clamp(min=1e-8)
+            return sal.cpu().numpy()[0, 0]
+        except Exception as err:  # noqa: BLE001 - a picture must not fail the scan
+            logger.warning("occlusion sensitivity failed for %s: %s", r["path"], err)
+            return None
+
+    def _thumbnail(self, r: dict[str, Any], saliency: np.ndarray | None) -> None:
+        from scripts.preprocessing.io import atomic_write
+        from scripts.qc_report import render_thumbnail
+
+        try:
+            data = render_thumbnail(r["image"][0].numpy(), saliency)
+            atomic_write(self.output_dir / "qc_thumbnails" / thumbnail_name(r["path"]), lambda tmp: tmp.write_bytes(data))
+        except Exception as err:  # noqa: BLE001
+            logger.warning("thumbnail failed for %s: %s", r["path"], err)
+
+    # -- recording -----------------------------------------------------------------------------
+    @staticmethod
+    def _failure(item: Mapping[str, Any], code: str, reason: str) -> dict[str, Any]:
+        return {"path": item["image"], "participant_id": item.get("participant_id", ""),
+                "session_id": item.get("session_id", ""), "status": code, "reason": reason,
+                "input_space": "", "seconds": 0.0}
+
+    def _row(self, r: Mapping[str, Any]) -> dict[str, Any]:
+        prob = r.get("prob_motion")
+        scored = r["status"] in SCORED_STATUSES and prob is not None
+        return {
+            "participant_id": r.get("participant_id", ""),
+            "session_id": r.get("session_id", ""),
+            "path": r["path"],
+            "status": r["status"],
+            "reason": " ".join(str(r.get("reason", "")).split()),
+            "prob_motion": f"{float(prob):.6f}" if scored else "",
+            "decision": ("motion" if float(prob) >= self.threshold else "no_motion") if scored else "",
+            "threshold": f"{self.threshold:g}",
+            "input_space": r.get("input_space", ""),
+            "model_sha256": self.model_sha256,
+            "bundle_version": self.version,
+            "seconds": f"{float(r.get('seconds', 0.0)):.3f}",
+        }
+
+    def _record(self, r: Mapping[str, Any]) -> None:
+        row = self._row(r)
+        self._journal_file.write(json.dumps({**row, "recorded_at": round(time.time(), 3)}) + "\n")
+        self._journal_file.flush()
+        os.fsync(self._journal_file.fileno())
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix_str(f"{Path(row['path']).name[:30]}: {row['status']}", refresh=False)
+        self._new_rows += 1
+        if self.world_size == 1 and self._new_rows % self.flush_every == 0:
+            _write_table(self._merged(None), self.table_path)
+
+    def _recorded(self) -> dict[str, dict[str, Any]]:
+        """Rows already recorded with the current model (journals, then an existing ``qc.tsv``)."""
+        done = read_journal(self.state_dir, self.model_sha256)
+        if self.table_path.is_file():  # rows of an older run whose journal was removed
+            for row in read_qc_table(self.table_path):
+                if row.get("model_sha256") == self.model_sha256:
+                    done.setdefault(row["path"], row)
+        return done
+
+    def _merged(self, items: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+        """Recorded rows (of ``items``, in their order), decisions redone with the current threshold."""
+        done = self._recorded()
+        rows = list(done.values()) if items is None else [done[it["image"]] for it in items if it["image"] in done]
+        out = []
+        for row in rows:
+            row = dict(row)
+            if row.get("prob_motion") not in (None, ""):
+                row["decision"] = "motion" if float(row["prob_motion"]) >= self.threshold else "no_motion"
+            row["threshold"] = f"{self.threshold:g}"
+            out.append(row)
+        return out
+
+    def _write_outputs(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        rows = self._merged(items)
+        missing = len(items) - len(rows)
+        if missing:
+            logger.error("%d inputs have no row (a rank failed?); re-run to complete the table.", missing)
+        _write_table(rows, self.table_path)
+        if self.report:
+            from scripts.qc_report import write_report
+
+            try:
+                write_report(rows, self.output_dir / "qc_report.html", self.output_dir / "qc_thumbnails",
+                             threshold=self.threshold, page_size=self.report_page_size)
+            except Exception as err:  # noqa: BLE001 - the table is the product; the report is a view of it
+                logger.error("could not write the HTML report: %s", err)
+        return rows

@@ -1,0 +1,348 @@
+"""Batch QC (scripts/qc.py, configs/inference.yaml): a malformed-input suite mixed with good scans,
+out-of-memory and crashed workers, resumption, and kill-and-resume from the command line."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from monai.bundle import ConfigWorkflow
+
+from conftest import BUNDLE_ROOT, SMALL_SHAPE
+from ecosystem_helpers import save_small_model
+
+from scripts.qc import _read_jsonl, QC_STATUSES, TSV_COLUMNS, QCJob, ScanLoader, collect_inputs, read_journal, read_qc_table
+
+CONFIGS = BUNDLE_ROOT / "configs"
+
+
+def _demo_scans(small_demo: Path) -> list[Path]:
+    return sorted(small_demo.rglob("*.nii.gz"))
+
+
+def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+    return path
+
+
+def _dicom_with_missing_slice(folder: Path) -> Path:
+    """A 40-slice DICOM series (2 mm slices) with slice 20 removed."""
+    rng = np.random.default_rng(0)
+    data = (rng.random((40, 72, 64)) * 500 + 100).astype(np.int16)  # (z, y, x)
+    image = sitk.GetImageFromArray(data)
+    image.SetSpacing((1.0, 1.0, 2.0))
+    folder.mkdir(parents=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series = "1.2.826.0.1.3680043.2.1125.9.1"
+    for k in range(image.GetDepth()):
+        if k == 20:
+            continue
+        sl = image[:, :, k]
+        tags = {"0008|0060": "MR", "0008|0016": "1.2.840.10008.5.1.4.1.1.4", "0008|0018": f"{series}.{k + 1}",
+                "0020|000d": "1.2.826.0.1.3680043.2.1125.9.2", "0020|000e": series, "0020|0013": str(k + 1),
+                "0020|0032": f"0\\0\\{2.0 * k:.1f}", "0020|0037": "1\\0\\0\\0\\1\\0", "0018|0050": "2.0",
+                "0028|0030": "1.0\\1.0"}
+        for key, value in tags.items():
+            sl.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(sl)
+    return folder
+
+
+def _make_batch(root: Path, small_demo: Path) -> dict[str, tuple[Path, str]]:
+    """Bad inputs of many kinds and good scans; returns name -> (path, expected status)."""
+    rng = np.random.default_rng(0)
+    scans = _demo_scans(small_demo)
+    good = nib.load(scans[0])
+    data, affine = np.asarray(good.dataobj, dtype=np.float32), good.affine
+    b = root / "inputs"
+    cases: dict[str, tuple[Path, str]] = {}
+    for i, scan in enumerate(scans[:3]):
+        dest = b / "good" / f"sub-G{i}" / scan.name.replace(scan.name.split("_")[0], f"sub-G{i}")
+        dest.parent.mkdir(parents=True)
+        shutil.copy(scan, dest)
+        cases[f"good_{i}"] = (dest, "ok")
+    cases["image_2d"] = (_save(rng.random((64, 64)).astype(np.float32), np.eye(4), b / "image_2d.nii.gz"), "not_3d")
+    cases["4d_3_volumes"] = (_save(rng.random((43, 52, 45, 3)).astype(np.float32), affine, b / "series4d.nii.gz"), "not_3d")
+    nan = data.copy()
+    nan[10:12, 20, 20] = np.nan
+    cases["nan_voxels"] = (_save(nan, affine, b / "nan.nii.gz"), "non_finite")
+    inf = data.copy()
+    inf[5, 5, 5] = np.inf
+    cases["inf_voxels"] = (_save(inf, affine, b / "inf.nii.gz"), "non_finite")
+    cases["all_zeros"] = (_save(np.zeros_like(data), affine, b / "zeros.nii.gz"), "empty")
+    cases["constant"] = (_save(np.full_like(data, 7.0), affine, b / "constant.nii.gz"), "empty")
+    blob = scans[1].read_bytes()
+    (b / "truncated.nii.gz").write_bytes(blob[: len(blob) // 2])
+    cases["truncated_gz"] = (b / "truncated.nii.gz", "unreadable")
+    (b / "random.nii").write_bytes(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    cases["random_bytes_nii"] = (b / "random.nii", "unreadable")
+    (b / "empty.nii.gz").write_bytes(b"")
+    cases["empty_file"] = (b / "empty.nii.gz", "empty_file")
+    (b / "scan.jpg").write_bytes(gzip.decompress(scans[2].read_bytes())[:2000])
+    cases["wrong_extension"] = (b / "scan.jpg", "unsupported_format")
+    thick = np.diag([1.0, 1.0, 8.0, 1.0])
+    cases["1x1x8mm_voxels"] = (_save(rng.random((200, 200, 20)).astype(np.float32) + 1, thick, b / "thick.nii.gz"), "low_resolution")
+    cases["tiny"] = (_save(rng.random((6, 6, 6)).astype(np.float32), np.eye(4), b / "tiny.nii.gz"), "too_small")
+    from scipy import ndimage
+
+    smooth = ndimage.gaussian_filter(rng.random(data.shape), 3).astype(np.float32) * 1000
+    cases["non_brain"] = (_save(smooth, affine, b / "nonbrain.nii.gz"), "not_brain")
+    from scripts.qc import _template_on_grid
+
+    _, mask, _ = _template_on_grid(SMALL_SHAPE)
+    cases["skull_stripped"] = (_save(data * mask, affine, b / "stripped.nii.gz"), "warning")
+    flip = affine.copy()  # the same world image stored left-right flipped (radiological, LAS)
+    flip[:3, 0] = -affine[:3, 0]
+    flip[:3, 3] = affine[:3, 3] + affine[:3, 0] * (data.shape[0] - 1)
+    cases["lr_flipped_affine"] = (_save(data[::-1].copy(), flip, b / "flipped.nii.gz"), "ok")
+    cases["dicom_missing_slice"] = (_dicom_with_missing_slice(b / "dicom_gap"), "dicom_missing_slice")
+    (b / "empty_folder").mkdir()
+    cases["empty_folder"] = (b / "empty_folder", "empty_folder")
+    cases["not_found"] = (b / "does_not_exist.nii.gz", "not_found")
+    # one raw scan (not in t1-linear space): goes through T1Linear (~10 s)
+    from scripts.preprocessing.synthetic import make_scan
+
+    raw = make_scan(seed=3, spacing=(1.2, 1.2, 1.2), max_rotation_deg=5.0, max_translation_mm=5.0, max_scaling=0.03)
+    (b / "raw").mkdir()
+    sitk.WriteImage(raw.image, str(b / "raw" / "sub-RAW_T1w.nii.gz"))
+    cases["raw_scan"] = (b / "raw" / "sub-RAW_T1w.nii.gz", "ok")
+    return cases
+
+
+def _workflow(bundle: Path, **override) -> ConfigWorkflow:
+    wf = ConfigWorkflow(
+        config_file=str(CONFIGS / "inference.yaml"), meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"), workflow_type="infer", bundle_root=str(bundle),
+        spatial_size=list(SMALL_SHAPE), progress=False, **override,
+    )
+    wf.initialize()
+    return wf
+
+
+@pytest.fixture(scope="module")
+def batch(small_demo, tmp_path_factory):
+    root = tmp_path_factory.mktemp("qc_batch")
+    save_small_model(root / "models" / "model.pt", seed=5)
+    cases = _make_batch(root, small_demo)
+    listing = root / "inputs.tsv"
+    with listing.open("w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(["path"])
+        writer.writerows([[str(p)] for p, _ in cases.values()])
+    out = root / "out"
+    wf = _workflow(root, input=str(listing), output_dir=str(out), num_workers=2)
+    assert wf.check_properties() == []
+    wf.run()
+    wf.finalize()
+    return {"root": root, "cases": cases, "out": out, "listing": listing}
+
+
+def test_malformed_inputs_each_get_exactly_one_row_with_the_right_status(batch):
+    rows = read_qc_table(batch["out"] / "qc.tsv")
+    assert list(rows[0]) == list(TSV_COLUMNS)
+    by_path = {r["path"]: r for r in rows}
+    assert len(rows) == len(by_path) == len(batch["cases"])
+    kinds_of_bad = {e for _, e in batch["cases"].values() if e not in ("ok",)}
+    assert len([n for n, (_, e) in batch["cases"].items() if not n.startswith("good")]) >= 15 and len(kinds_of_bad) >= 12
+    got = {name: by_path[os.path.abspath(p)]["status"] for name, (p, _) in batch["cases"].items()}
+    assert got == {name: expected for name, (_, expected) in batch["cases"].items()}, {
+        n: by_path[os.path.abspath(p)]["reason"] for n, (p, e) in batch["cases"].items() if got[n] != e
+    }
+    for r in rows:
+        assert r["status"] in QC_STATUSES
+        if r["status"] in ("ok", "warning"):
+            p = float(r["prob_motion"])
+            assert 0.0 <= p <= 1.0 and r["decision"] == ("motion" if p >= 0.5 else "no_motion")
+            assert len(r["model_sha256"]) == 64 and r["bundle_version"] not in ("", "unknown")
+        else:
+            assert r["prob_motion"] == "" and r["decision"] == "" and r["reason"]
+    assert by_path[os.path.abspath(batch["cases"]["raw_scan"][0])]["input_space"] == "raw"
+    assert by_path[os.path.abspath(batch["cases"]["good_0"][0])]["input_space"] == "t1_linear"
+    assert "skull-stripped" in by_path[os.path.abspath(batch["cases"]["skull_stripped"][0])]["reason"]
+    assert "gap" in by_path[os.path.abspath(batch["cases"]["dicom_missing_slice"][0])]["reason"]
+
+
+def test_flipped_affine_scores_like_the_original_and_matches_the_config_preprocessing(batch, small_demo):
+    rows = {r["path"]: r for r in read_qc_table(batch["out"] / "qc.tsv")}
+    original = float(rows[os.path.abspath(batch["cases"]["good_0"][0])]["prob_motion"])
+    flipped = float(rows[os.path.abspath(batch["cases"]["lr_flipped_affine"][0])]["prob_motion"])
+    assert flipped == pytest.approx(original, abs=1e-5)
+    # the QC job scores exactly like the MONAI workflow's preprocessing + network (what MONAI Label uses)
+    wf = _workflow(batch["root"])
+    net = wf.parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(batch["root"] / "models" / "model.pt", weights_only=True))
+    image = wf.parser.get_parsed_content("preprocessing")({"image": str(batch["cases"]["good_0"][0])})["image"]
+    with torch.no_grad():
+        expected = torch.softmax(net.eval()(image[None].as_tensor()), dim=1)[0, 1].item()
+    assert original == pytest.approx(expected, abs=1e-5)
+
+
+def test_rerun_skips_recorded_scans_and_strict_exits_3(batch):
+    table = batch["out"] / "qc.tsv"
+    before = table.read_text()
+    journal = len(read_journal(batch["out"] / ".qc"))
+    wf = _workflow(batch["root"], input=str(batch["listing"]), output_dir=str(batch["out"]), num_workers=0, strict=True)
+    with pytest.raises(SystemExit) as info:
+        wf.run()
+    assert info.value.code == 3
+    assert table.read_text() == before and len(read_journal(batch["out"] / ".qc")) == journal
+
+
+def test_report_has_a_card_per_scored_scan(batch):
+    html = (batch["out"] / "qc_report.html").read_text()
+    scored = [r for r in read_qc_table(batch["out"] / "qc.tsv") if r["status"] in ("ok", "warning")]
+    assert html.count("data:image/jpeg;base64") == 1  # in the script only: pictures are inserted page by page
+    assert html.count('"img":"/9j/') == len(scored)  # one embedded JPEG per scored scan
+    assert "dicom_missing_slice" in html and "<svg" in html and "http" not in html.split("<body")[1].replace(
+        'xmlns="http://www.w3.org/2000/svg"', "")
+
+
+def test_collect_inputs_from_folder_bids_and_lists(tmp_path, small_demo):
+    scans = _demo_scans(small_demo)
+    bids = tmp_path / "bids"
+    for sub in ("01", "02"):
+        dest = bids / f"sub-{sub}" / "ses-A" / "anat" / f"sub-{sub}_ses-A_T1w.nii.gz"
+        dest.parent.mkdir(parents=True)
+        shutil.copy(scans[0], dest)
+        (dest.parent / f"sub-{sub}_ses-A_T1w.json").write_text("{}")
+        shutil.copy(scans[1], dest.parent / f"sub-{sub}_ses-A_FLAIR.nii.gz")
+    (bids / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.8.0"}')
+    items = collect_inputs(bids)
+    assert [(i["participant_id"], i["session_id"]) for i in items] == [("sub-01", "ses-A"), ("sub-02", "ses-A")]
+    folder = tmp_path / "plain"
+    _dicom_with_missing_slice(folder / "a" / "dicom")
+    shutil.copy(scans[0], folder / "b.nii.gz")
+    (folder / "notes.txt").write_text("not a scan")
+    paths = [Path(i["image"]).relative_to(folder).as_posix() for i in collect_inputs(folder)]
+    assert paths == ["b.nii.gz", "a/dicom"]
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"image\n{scans[0]}\n{scans[0]}\nmissing.nii.gz\n")
+    items = collect_inputs(listing)
+    assert [Path(i["image"]).name for i in items] == [scans[0].name, "missing.nii.gz"]  # duplicates once
+    with pytest.raises(FileNotFoundError):
+        collect_inputs(tmp_path / "nowhere")
+
+
+class _OOMOnce(torch.nn.Module):
+    """Raises out-of-memory on any batch holding ``target``, whatever its size."""
+
+    def __init__(self, net: torch.nn.Module, target: torch.Tensor) -> None:
+        super().__init__()
+        self.net, self.target = net, target
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(torch.allclose(xi, self.target, atol=1e-4) for xi in x):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return self.net(x)
+
+
+class _KillOn(ScanLoader):
+    """A loader whose process is killed (like by the OOM killer) on one scan."""
+
+    victim = ""
+
+    def load(self, path):
+        if path == self.victim:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().load(path)
+
+
+def test_out_of_memory_and_a_killed_worker_become_rows(small_demo, tmp_path):
+    from monai.transforms import Compose, NormalizeIntensityd
+
+    scans = _demo_scans(small_demo)[:5]
+    norm = Compose([NormalizeIntensityd(keys="image")])
+    target = ScanLoader(SMALL_SHAPE, norm)({"image": str(scans[1])})["image"]
+    net = save_small_model(tmp_path / "m.pt", seed=1)
+    loader = _KillOn(SMALL_SHAPE, norm)
+    _KillOn.victim = str(scans[3])
+    job = QCJob(input=[str(s) for s in scans], network=_OOMOnce(net, target), output_dir=tmp_path / "out", loader=loader,
+                batch_size=2, num_workers=1, saliency="none", thumbnails=False, report=False, progress=False)
+    job.run()
+    rows = {Path(r["path"]).name: r for r in read_qc_table(tmp_path / "out" / "qc.tsv")}
+    assert len(rows) == 5
+    assert rows[scans[1].name]["status"] == "out_of_memory" and "20.00 GiB" in rows[scans[1].name]["reason"]
+    assert rows[scans[3].name]["status"] == "worker_crashed"
+    assert [rows[s.name]["status"] for s in (scans[0], scans[2], scans[4])] == ["ok"] * 3
+    assert rows[scans[0].name]["model_sha256"] == "untrained"
+
+
+def test_kill_and_resume_from_the_command_line(small_demo, tmp_path):
+    """SIGKILL the whole job (main process and workers) mid-run, restart: every input exactly once."""
+    save_small_model(tmp_path / "models" / "model.pt", seed=2)
+    inputs = tmp_path / "scans"
+    inputs.mkdir()
+    for k in range(2):
+        for scan in _demo_scans(small_demo):
+            shutil.copy(scan, inputs / f"copy{k}_{scan.name}")
+    n = len(list(inputs.iterdir()))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.yaml"),
+           "--meta_file", str(CONFIGS / "metadata.json"), "--bundle_root", str(tmp_path), "--input", str(inputs),
+           "--output_dir", str(out), "--spatial_size", str(list(SMALL_SHAPE)), "--num_workers", "1"]
+    log = (tmp_path / "first.log").open("wb")
+    proc = subprocess.Popen(cmd, cwd=BUNDLE_ROOT, stdout=log, stderr=log, start_new_session=True)
+    journal = out / ".qc" / "journal-rank0.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if journal.is_file() and len(journal.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job ended before it could be killed: " + (tmp_path / "first.log").read_text("utf-8", "replace")[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    log.close()
+    first = len(read_journal(out / ".qc"))
+    assert 3 <= first < n
+    assert not (out / "qc.tsv").is_file() or len(read_qc_table(out / "qc.tsv")) < n
+    done = subprocess.run(cmd, cwd=BUNDLE_ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_qc_table(out / "qc.tsv")
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in inputs.iterdir())
+    assert all(r["status"] == "ok" for r in rows)
+    assert len(_read_jsonl(out / ".qc" / "journal-rank0.jsonl")) == n  # recorded scans were not redone
+
+
+def test_rerun_with_a_new_threshold_only_redoes_decisions(batch, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(batch["out"], out)
+    wf = _workflow(batch["root"], input=str(batch["listing"]), output_dir=str(out), num_workers=0, default_threshold=0.0)
+    wf.run()
+    rows = read_qc_table(out / "qc.tsv")
+    assert len(read_journal(out / ".qc")) == len(rows) == len(batch["cases"])  # nothing re-scored
+    assert {r["decision"] for r in rows if r["prob_motion"]} == {"motion"} and {r["threshold"] for r in rows} == {"0"}
+
+
+def test_cut_graph_gradcam_equals_monai_gradcam(tmp_path):
+    from monai.visualize import GradCAM
+
+    from scripts.networks import Conv5FC3
+
+    net = save_small_model(tmp_path / "a.pt", seed=11)
+    reference_net = Conv5FC3(input_size=SMALL_SHAPE)
+    reference_net.load_state_dict(net.state_dict())
+    torch.manual_seed(0)
+    x = torch.randn(1, *SMALL_SHAPE)
+    job = QCJob(input=[], network=net, output_dir=tmp_path / "o", loader=ScanLoader(SMALL_SHAPE), progress=False)
+    results = [job._gradcam(x * s) for s in (1.0, -1.0)]
+    for (prob, fast), s in zip(results, (1.0, -1.0)):
+        expected = GradCAM(nn_module=reference_net.eval(), target_layers="convolutions.14")(x[None] * s, class_idx=1)
+        np.testing.assert_allclose(fast, expected[0, 0].detach().numpy(), atol=1e-5)
+        with torch.no_grad():
+            assert prob == pytest.approx(torch.softmax(reference_net(x[None] * s), 1)[0, 1].item(), abs=1e-6)
+    assert max(float(np.max(m)) for _, m in results) > 0  # a real map somewhere, not all zeros
