@@ -85,9 +85,11 @@ def set_motion_label(d: dict, label_key: str | None, applied: bool) -> None:
 class RandMotionDictBase(RandomizableTransform, MapTransform):
     """Dictionary wrapper around a random motion array transform (see module docstring).
 
+    Subclasses set ``array_class``, the random array transform they wrap; it is built from the
+    extra keyword arguments (its own ``prob`` is forced to 1: ``prob`` here decides).
+
     Args:
         keys: image keys; all get the same drawn motion (shapes must agree).
-        array_transform: the random array transform (its ``prob`` is overridden by ``prob``).
         label_key: key set to 1 when motion is applied (``None``: do not touch labels).
         prob: probability of applying motion to a sample.
         params_key: if set, write ``d[params_key]`` = dict of fixed-size float32 tensors of the drawn
@@ -96,22 +98,24 @@ class RandMotionDictBase(RandomizableTransform, MapTransform):
             :mod:`scripts.motion.metrics`; all zeros and ``ssim = 1`` when not applied). Costs one
             SSIM evaluation per sample.
         allow_missing_keys: as in MONAI.
+        **kwargs: arguments of ``array_class`` (except ``prob``).
     """
+
+    array_class: type
 
     def __init__(
         self,
-        keys: KeysCollection,
-        array_transform: Any,
+        keys: KeysCollection = "image",
         label_key: str | None = "label",
         prob: float = 0.5,
         params_key: str | None = None,
         metrics_key: str | None = None,
         allow_missing_keys: bool = False,
+        **kwargs: Any,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob)
-        self.array = array_transform
-        self.array.prob = 1.0
+        self.array = self.array_class(prob=1.0, **kwargs)
         self.label_key = label_key
         self.params_key = params_key
         self.metrics_key = metrics_key

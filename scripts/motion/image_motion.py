@@ -34,7 +34,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from monai.config import KeysCollection
 from monai.transforms import RandomizableTransform, Transform
 
 from .base import RandMotionDictBase, as_volume, parse_range, wrap_like
@@ -381,15 +380,4 @@ class RandImageMotiond(RandMotionDictBase):
         **kwargs: arguments of :class:`RandImageMotion` (except ``prob``).
     """
 
-    def __init__(
-        self,
-        keys: KeysCollection = "image",
-        label_key: str | None = "label",
-        prob: float = 0.5,
-        params_key: str | None = None,
-        metrics_key: str | None = None,
-        allow_missing_keys: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(keys, RandImageMotion(prob=1.0, **kwargs), label_key, prob, params_key, metrics_key,
-                         allow_missing_keys)
+    array_class = RandImageMotion

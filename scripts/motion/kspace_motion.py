@@ -32,7 +32,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.config import KeysCollection
 from monai.transforms import RandomizableTransform, Transform
 
 from .base import RandMotionDictBase, as_volume, wrap_like
@@ -382,15 +381,4 @@ class RandKSpaceMotiond(RandMotionDictBase):
         **kwargs: arguments of :class:`RandKSpaceMotion` (except ``prob``).
     """
 
-    def __init__(
-        self,
-        keys: KeysCollection = "image",
-        label_key: str | None = "label",
-        prob: float = 0.5,
-        params_key: str | None = None,
-        metrics_key: str | None = None,
-        allow_missing_keys: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(keys, RandKSpaceMotion(prob=1.0, **kwargs), label_key, prob, params_key, metrics_key,
-                         allow_missing_keys)
+    array_class = RandKSpaceMotion
