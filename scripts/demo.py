@@ -26,7 +26,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,8 +158,21 @@ def _write_nifti(volume: np.ndarray, affine: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _session_ids(rng: np.random.RandomState, n: int, two_session_fraction: float) -> list[list[str]]:
-    return [["ses-M000", "ses-M024"] if rng.uniform() < two_session_fraction else ["ses-M000"] for _ in range(n)]
+def _scans(
+    rng: np.random.RandomState, prefix: str, n: int, two_session_fraction: float
+) -> Iterator[tuple[str, str, int, np.random.RandomState, Path]]:
+    """The scans of a demo set: ``(participant_id, session_id, anatomy_seed, scan_rng, relative_path)``.
+
+    Draws from ``rng`` lazily, so a caller that also draws from ``rng`` between scans stays deterministic.
+    A participant keeps one anatomy seed over its sessions; each scan gets its own generator.
+    """
+    sessions = [["ses-M000", "ses-M024"] if rng.uniform() < two_session_fraction else ["ses-M000"] for _ in range(n)]
+    for p, sess in enumerate(sessions):
+        pid = f"sub-{prefix}{p + 1:03d}"
+        anatomy_seed = int(rng.randint(0, 2**31 - 1))
+        for sid in sess:
+            scan_rng = np.random.RandomState(rng.randint(0, 2**31 - 1))
+            yield pid, sid, anatomy_seed, scan_rng, Path(pid) / sid / "t1_linear" / IMAGE_NAME.format(pid=pid, sid=sid)
 
 
 def make_research_demo(
@@ -177,18 +190,12 @@ def make_research_demo(
     """
     out = Path(output_dir)
     rng = np.random.RandomState(seed)
-    sessions = _session_ids(rng, n_participants, two_session_fraction)
     items = []
-    for p, sess in enumerate(sessions):
-        pid = f"sub-R{p + 1:03d}"
-        anatomy_seed = int(rng.randint(0, 2**31 - 1))
-        for sid in sess:
-            scan_rng = np.random.RandomState(rng.randint(0, 2**31 - 1))
-            rel = Path(pid) / sid / "t1_linear" / IMAGE_NAME.format(pid=pid, sid=sid)
-            volume, affine = _participant_image(scan_rng, voxel_size, anatomy_seed)
-            _write_nifti(volume, affine, out / rel)
-            items.append({"image": str(rel), "label": 0, "participant_id": pid, "session_id": sid})
-            logger.info("demo: wrote %s", rel)
+    for pid, sid, anatomy_seed, scan_rng, rel in _scans(rng, "R", n_participants, two_session_fraction):
+        volume, affine = _participant_image(scan_rng, voxel_size, anatomy_seed)
+        _write_nifti(volume, affine, out / rel)
+        items.append({"image": str(rel), "label": 0, "participant_id": pid, "session_id": sid})
+        logger.info("demo: wrote %s", rel)
     datalist = split_participants(items, fractions, seed=seed)
     return write_json_atomic(datalist, out / "datalist.json")
 
@@ -219,39 +226,33 @@ def make_clinical_demo(
     """
     out = Path(output_dir)
     rng = np.random.RandomState(seed)
-    sessions = _session_ids(rng, n_participants, 0.2)
     rows: list[dict[str, Any]] = []
-    for p, sess in enumerate(sessions):
-        pid = f"sub-C{p + 1:03d}"
-        anatomy_seed = int(rng.randint(0, 2**31 - 1))
-        for sid in sess:
-            scan_rng = np.random.RandomState(rng.randint(0, 2**31 - 1))
-            grade = int(rng.choice(3, p=grade_probs))
-            reject = rng.uniform() < reject_fraction
-            volume, affine = _participant_image(scan_rng, voxel_size, anatomy_seed, clinical=True)
-            if reject:  # not a T1w: inverted contrast inside the head
-                volume = np.where(volume > 0.05 * volume.max(), volume.max() - volume, volume)
-            if grade > 0:
-                degrees, translation, nt = CLINICAL_MOTION[grade]
-                moved = torchio_motion(
-                    MetaTensor(torch.from_numpy(volume)[None], affine=torch.as_tensor(affine)),
-                    degrees,
-                    translation,
-                    nt,
-                    seed=int(scan_rng.randint(0, 2**31 - 1)),
-                )
-                volume = np.abs(moved.numpy()[0])
-            rel = Path(pid) / sid / "t1_linear" / IMAGE_NAME.format(pid=pid, sid=sid)
-            _write_nifti(volume, affine, out / rel)
-            if reject:
-                r1, r2 = "SR", "SR"
-            else:
-                r1 = str(_rater_grade(rng, grade, agreement))
-                r2 = "" if rng.uniform() < 0.1 else str(_rater_grade(rng, grade, agreement))
-            rows.append(
-                {"participant_id": pid, "session_id": sid, "image": str(rel), "rater_1": r1, "rater_2": r2, "true_grade": grade}
+    for pid, sid, anatomy_seed, scan_rng, rel in _scans(rng, "C", n_participants, 0.2):
+        grade = int(rng.choice(3, p=grade_probs))
+        reject = rng.uniform() < reject_fraction
+        volume, affine = _participant_image(scan_rng, voxel_size, anatomy_seed, clinical=True)
+        if reject:  # not a T1w: inverted contrast inside the head
+            volume = np.where(volume > 0.05 * volume.max(), volume.max() - volume, volume)
+        if grade > 0:
+            degrees, translation, nt = CLINICAL_MOTION[grade]
+            moved = torchio_motion(
+                MetaTensor(torch.from_numpy(volume)[None], affine=torch.as_tensor(affine)),
+                degrees,
+                translation,
+                nt,
+                seed=int(scan_rng.randint(0, 2**31 - 1)),
             )
-            logger.info("clinical demo: wrote %s (grade %d%s)", rel, grade, ", straight reject" if reject else "")
+            volume = np.abs(moved.numpy()[0])
+        _write_nifti(volume, affine, out / rel)
+        if reject:
+            r1, r2 = "SR", "SR"
+        else:
+            r1 = str(_rater_grade(rng, grade, agreement))
+            r2 = "" if rng.uniform() < 0.1 else str(_rater_grade(rng, grade, agreement))
+        rows.append(
+            {"participant_id": pid, "session_id": sid, "image": str(rel), "rater_1": r1, "rater_2": r2, "true_grade": grade}
+        )
+        logger.info("clinical demo: wrote %s (grade %d%s)", rel, grade, ", straight reject" if reject else "")
     tsv = out / "ratings.tsv"
     tmp = tsv.with_name(f".{tsv.name}.tmp{os.getpid()}")
     with tmp.open("w", newline="") as f:
