@@ -82,15 +82,27 @@ def test_one_segment_translation_integer_shift():
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
 @pytest.mark.parametrize("output", ["real", "magnitude"])
-def test_slab_dft_equals_full_fft_stitching(axis, output):
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_slab_dft_equals_full_fft_stitching(axis, output, order):
+    """Every phase axis, both outputs, C- and Fortran-ordered input (the phase axis then lies
+    innermost, outermost or in the middle of memory: the three code paths)."""
     v = _phantom()
     times = torch.tensor([0.2, 0.49, 0.5, 0.9])  # includes an empty and a centre-straddling segment
     from scripts.motion.image_motion import _index_maps
 
     a, b = _index_maps(AFF, v.shape[1:], DEG, TRANS, "image")
     moved = {r: resample_rigid(v, a[r], b[r], v.min(), "eager")[0] for r in range(4)}
-    ours = apply_image_motion(v, AFF, DEG, TRANS, times, phase_axis=axis, output=output, backend="eager")
+    inp = v if order == "C" else v.permute(0, 3, 2, 1).contiguous().permute(0, 3, 2, 1)  # as nibabel loads
+    ours = apply_image_motion(inp, AFF, DEG, TRANS, times, phase_axis=axis, output=output, backend="eager")
+    assert ours.stride() == inp.stride()  # the memory layout is kept
     torch.testing.assert_close(ours[0], _naive(v[0], moved, times, axis, output), atol=2e-4, rtol=0)
+
+
+def test_compiled_backend_equals_eager_on_fortran_input():
+    v = _phantom((29, 34, 27)).permute(0, 3, 2, 1).contiguous().permute(0, 3, 2, 1)
+    ref = apply_image_motion(v, AFF, DEG, TRANS, TIMES, phase_axis=1, backend="eager")
+    out = apply_image_motion(v, AFF, DEG, TRANS, TIMES, phase_axis=1, backend="compiled")
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
 def test_parseval_energy():

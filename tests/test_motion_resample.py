@@ -1,10 +1,11 @@
 """Tests of scripts/motion/resample.py: rigid maps, Euler convention, resampling back-ends."""
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
-from scripts.motion.resample import dft_matrices, euler_to_matrix, resample_rigid, rigid_index_map, voxel_spacing
+from scripts.motion.resample import _block_edge, dft_matrices, euler_to_matrix, resample_rigid, rigid_index_map, voxel_spacing
 
 
 def test_euler_matches_simpleitk():
@@ -44,6 +45,27 @@ def test_backends_agree():
         out = resample_rigid(vol, a, b, fill=-1.0, backend=backend)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     assert (ref == -1.0).any() and (ref != -1.0).any()
+
+
+@pytest.mark.parametrize("backend", ["eager", "grid_sample", "compiled"])
+def test_subtract_returns_moved_minus_input(backend):
+    torch.manual_seed(1)
+    vol = torch.rand(1, 17, 9, 21)  # no axis a multiple of the compiled kernel's blocks
+    a, b = _random_map()
+    ref = resample_rigid(vol, a[0], b[0], fill=-1.0, backend="eager")
+    out = resample_rigid(vol, a[0], b[0], fill=-1.0, backend=backend, subtract=True)
+    torch.testing.assert_close(out, ref - vol, atol=1e-5, rtol=0)
+
+
+def test_block_edges_pad_least():
+    assert (_block_edge(169), _block_edge(208), _block_edge(96), _block_edge(5)) == (13, 16, 16, 8)
+    assert -(-179 // _block_edge(179)) * _block_edge(179) == 180
+
+
+def test_non_finite_map_is_refused():
+    vol = torch.rand(1, 6, 6, 6)
+    with pytest.raises(ValueError, match="finite"):
+        resample_rigid(vol, torch.full((3, 3), float("nan")), torch.zeros(3), backend="compiled")
 
 
 def test_integer_shift_is_exact_with_fill():

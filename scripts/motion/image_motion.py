@@ -134,41 +134,64 @@ def _index_maps(
     return rigid_index_map(lps, rot, translation.double(), c)
 
 
+def _work_layout(vol: torch.Tensor, phase_axis: int) -> tuple[list[int], bool]:
+    """Axis order to work in, and whether the phase axis comes first in it.
+
+    The volume is processed as the C-contiguous array ``vol.permute(perm)`` with the phase axis
+    either last (lines along it are rows) or first (planes across it are rows). When the memory
+    order of ``vol`` already has the phase axis outermost or innermost (C-ordered arrays, and the
+    Fortran-ordered ones nibabel loads) the permuted view is contiguous and nothing is copied.
+    """
+    mem = sorted(range(3), key=lambda ax: -vol.stride(ax))
+    if mem[-1] == phase_axis:
+        return mem, False
+    if mem[0] == phase_axis:
+        return mem, True
+    return [ax for ax in range(3) if ax != phase_axis] + [phase_axis], False
+
+
 def _stitch_segments(
     vol: torch.Tensor,
     move: Any,
     bounds: list[int],
     source: list[int],
     output: Output,
+    phase_first: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Stitch k-space segments along the last axis of ``vol (X, Y, L)``.
+    """Stitch k-space segments along the phase axis of a C-contiguous volume.
 
-    ``move(row)`` returns the moved volume of parameter row ``row`` (same shape as ``vol``); it is
-    called once per non-empty moved segment, so only one moved volume lives at a time. Frequencies
-    are handled as ``[Re | Im]`` rows of a transposed hybrid spectrum ``(2F, X*Y)``.
+    The phase axis is the last axis of ``vol`` (``(X, Y, L)``), or the first (``(L, X, Y)``) when
+    ``phase_first``. ``move(row)`` returns the moved volume of parameter row ``row`` minus ``vol``
+    (same shape as ``vol``); it is called once per non-empty moved segment, so only one moved
+    volume lives at a time. Frequencies are handled as ``[Re | Im]`` rows of a transposed hybrid
+    spectrum ``(2F, N)``, ``N`` the number of lines along the phase axis. The result is written
+    into ``out`` (C-contiguous, shape of ``vol``) when given.
     """
-    nx, ny, length = vol.shape
+    length = vol.shape[0] if phase_first else vol.shape[-1]
     dev, dt = vol.device, vol.dtype
-    flat = vol.reshape(-1, length)
+    flat = vol.reshape(length, -1) if phase_first else vol.reshape(-1, length)  # (L, N) or (N, L)
+    res = torch.empty_like(vol) if out is None else out
+    dest = res.view(flat.shape)
     half = length // 2
-    pieces: list[tuple[torch.Tensor, torch.Tensor]] = []  # (signed freqs, G^T = [Re; Im] (2M, XY))
+    pieces: list[tuple[torch.Tensor, torch.Tensor]] = []  # (signed freqs, G^T = [Re; Im] (2M, N))
     for s, row in enumerate(source):
         lo, hi = bounds[s], bounds[s + 1]
         if row < 0 or hi <= lo:
             continue
         freqs = torch.arange(lo, hi, device=dev) - half
         cos, sin = dft_matrices(length, freqs, dev, dt)
-        diff = move(row).reshape(-1, length).sub_(flat)
-        pieces.append((freqs, torch.mm(torch.cat([cos, -sin], dim=1).T, diff.T)))
+        diff = move(row).reshape(flat.shape)
+        pieces.append((freqs, torch.mm(torch.cat([cos, -sin], dim=1).T, diff if phase_first else diff.T)))
     if not pieces:
-        return vol.clone()
+        return dest.copy_(flat).view(vol.shape)
     if output == "real":
         # Re(IDFT) only needs H(|f|) = G(f) + conj(G(-f)) for f >= 0
         mags = torch.cat([f.abs() for f, _ in pieces]).unique()
         col = torch.full((half + 1,), -1, dtype=torch.long, device=dev)
         col[mags] = torch.arange(mags.numel(), device=dev)
-        h = torch.zeros(2 * mags.numel(), flat.shape[0], dtype=dt, device=dev)
         na = mags.numel()
+        h = torch.zeros(2 * na, pieces[0][1].shape[1], dtype=dt, device=dev)
         for freqs, g in pieces:
             m = freqs.numel()
             for part in (freqs < 0, freqs >= 0):
@@ -183,15 +206,24 @@ def _stitch_segments(
                 h[p0 : p0 + hi_i - lo_i] += re
                 h[na + p0 : na + p0 + hi_i - lo_i] += im
         cos, sin = dft_matrices(length, mags, dev, dt)
-        inv = torch.cat([cos.T, -sin.T], dim=0) / length
-        return torch.addmm(flat, h.T, inv).reshape(nx, ny, length)
+        inv = torch.cat([cos.T, -sin.T], dim=0) / length  # (2A, L)
+        if phase_first:
+            torch.addmm(flat, inv.T, h, out=dest)
+        else:
+            torch.addmm(flat, h.T, inv, out=dest)
+        return res
     freqs = torch.cat([f for f, _ in pieces])
     g = torch.cat([p[1][: p[0].numel()] for p in pieces] + [p[1][p[0].numel():] for p in pieces], 0)
     cos, sin = dft_matrices(length, freqs, dev, dt)
-    inv = torch.cat([torch.cat([cos.T, sin.T], 1), torch.cat([-sin.T, cos.T], 1)], 0) / length
-    c = torch.mm(g.T, inv)
-    real = flat + c[:, :length]
-    return torch.sqrt(real * real + c[:, length:] ** 2).reshape(nx, ny, length)
+    inv = torch.cat([torch.cat([cos.T, sin.T], 1), torch.cat([-sin.T, cos.T], 1)], 0) / length  # (2F, 2L)
+    if phase_first:
+        c = torch.mm(inv.T, g)  # (2L, N)
+        real, imag = flat + c[:length], c[length:]
+    else:
+        c = torch.mm(g.T, inv)  # (N, 2L)
+        real, imag = flat + c[:, :length], c[:, length:]
+    torch.sqrt(real * real + imag * imag, out=dest)
+    return res
 
 
 def apply_image_motion(
@@ -236,20 +268,23 @@ def apply_image_motion(
     work = img.float() if in_dtype not in (torch.float32, torch.float64) else img
     spatial = work.shape[1:]
     a, b = _index_maps(torch.as_tensor(affine), spatial, degrees, translation, center)
-    perm = [ax for ax in range(3) if ax != phase_axis] + [phase_axis]
+    perm, phase_first = _work_layout(work[0], phase_axis)
     pmat = torch.eye(3, dtype=torch.float64)[perm]
     a_p, b_p = pmat @ a @ pmat.T, b @ pmat.T
     bounds, source = segment_layout(times, int(spatial[phase_axis]))
-    out = torch.empty_like(work)
+    out = torch.empty_like(work)  # same memory layout as the input
     for ch in range(work.shape[0]):
         vol = work[ch].permute(*perm).contiguous()
         fill = vol.min()
 
         def move(row: int, vol: torch.Tensor = vol, fill: torch.Tensor = fill) -> torch.Tensor:
-            return resample_rigid(vol.unsqueeze(0), a_p[row], b_p[row], fill, backend)[0]
+            return resample_rigid(vol.unsqueeze(0), a_p[row], b_p[row], fill, backend, subtract=True)[0]
 
-        res = _stitch_segments(vol, move, bounds, source, output)
-        out[ch] = res.permute(*np.argsort(perm).tolist())
+        target = out[ch].permute(*perm)
+        res = _stitch_segments(vol, move, bounds, source, output, phase_first,
+                               out=target if target.is_contiguous() else None)
+        if res.data_ptr() != target.data_ptr():
+            target.copy_(res)
     return out.to(in_dtype)
 
 

@@ -16,8 +16,12 @@ Two interchangeable back-ends compute the same numbers:
 ``"grid_sample"``
     :func:`torch.nn.functional.grid_sample` (border padding) plus an inside mask. Fast on GPU.
 ``"compiled"``
-    a fused gather kernel produced by :func:`torch.compile` (about 6x faster than ``grid_sample`` on
-    CPU; needs a C++ compiler, compiles once per process, ~10-20 s).
+    a fused gather kernel produced by :func:`torch.compile` (about 10x faster than ``grid_sample`` on
+    CPU; needs a C++ compiler, compiles once per process and volume shape, ~10-20 s). The output is
+    computed in blocks of ``tx x ty x 16`` voxels (the last axis one AVX-512 vector of float32), so
+    the source voxels of a block stay in cache however the volume is rotated (1.7x faster than a
+    plain row-major loop for rotations of a few degrees), then put back in array order; the
+    difference ``moved - input`` can be fused into that last pass (``subtract=True``).
 ``"auto"``
     ``"grid_sample"`` on CUDA; ``"compiled"`` on CPU, falling back to ``"grid_sample"`` (with one
     warning) when compilation is impossible. In forked DataLoader workers the kernel is compiled
@@ -107,6 +111,42 @@ def rigid_index_map(
 # ----------------------------------------------------------------------------------------------
 
 
+def _trilinear_at(
+    flat: torch.Tensor,
+    shape: tuple[int, int, int],
+    px: torch.Tensor,
+    py: torch.Tensor,
+    pz: torch.Tensor,
+    base: torch.Tensor | int,
+    fill: torch.Tensor,
+) -> torch.Tensor:
+    """Trilinear values of the volume(s) in ``flat`` at index positions ``(px, py, pz)``.
+
+    ``base`` is the flat offset of each position's volume (0 for one volume). Neighbours are
+    clamped into the volume before the gathers (so the gathers are always in bounds); positions
+    outside the box ``[-0.5, n - 0.5]`` on any axis get ``fill``.
+    """
+    nx, ny, nz = shape
+    inside = (
+        (px >= -0.5) & (px <= nx - 0.5) & (py >= -0.5) & (py <= ny - 0.5) & (pz >= -0.5) & (pz <= nz - 0.5)
+    )
+    x0, y0, z0 = torch.floor(px), torch.floor(py), torch.floor(pz)
+    fx, fy, fz = px - x0, py - y0, pz - z0
+    x0, y0, z0 = x0.long(), y0.long(), z0.long()
+    xa = x0.clamp(0, nx - 1) * (ny * nz) + base
+    xb = (x0 + 1).clamp(0, nx - 1) * (ny * nz) + base
+    ya = y0.clamp(0, ny - 1) * nz
+    yb = (y0 + 1).clamp(0, ny - 1) * nz
+    za = z0.clamp(0, nz - 1)
+    zb = (z0 + 1).clamp(0, nz - 1)
+    c00 = flat[xa + ya + za] * (1 - fz) + flat[xa + ya + zb] * fz
+    c01 = flat[xa + yb + za] * (1 - fz) + flat[xa + yb + zb] * fz
+    c10 = flat[xb + ya + za] * (1 - fz) + flat[xb + ya + zb] * fz
+    c11 = flat[xb + yb + za] * (1 - fz) + flat[xb + yb + zb] * fz
+    out = (c00 * (1 - fy) + c01 * fy) * (1 - fx) + (c10 * (1 - fy) + c11 * fy) * fx
+    return torch.where(inside, out, fill)
+
+
 def _trilinear_gather(vol: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
     """Reference/compilable trilinear pull-back resampling (see module docstring for semantics)."""
     nb, nx, ny, nz = vol.shape
@@ -119,26 +159,8 @@ def _trilinear_gather(vol: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fill:
     px = a[:, 0, 0] * x + a[:, 0, 1] * y + a[:, 0, 2] * z + b[:, 0]
     py = a[:, 1, 0] * x + a[:, 1, 1] * y + a[:, 1, 2] * z + b[:, 1]
     pz = a[:, 2, 0] * x + a[:, 2, 1] * y + a[:, 2, 2] * z + b[:, 2]
-    inside = (
-        (px >= -0.5) & (px <= nx - 0.5) & (py >= -0.5) & (py <= ny - 0.5) & (pz >= -0.5) & (pz <= nz - 0.5)
-    )
-    x0, y0, z0 = torch.floor(px), torch.floor(py), torch.floor(pz)
-    fx, fy, fz = px - x0, py - y0, pz - z0
-    x0, y0, z0 = x0.long(), y0.long(), z0.long()
     base = torch.arange(nb, device=dev).view(nb, 1, 1, 1) * (nx * ny * nz)
-    xa = x0.clamp(0, nx - 1) * (ny * nz) + base
-    xb = (x0 + 1).clamp(0, nx - 1) * (ny * nz) + base
-    ya = y0.clamp(0, ny - 1) * nz
-    yb = (y0 + 1).clamp(0, ny - 1) * nz
-    za = z0.clamp(0, nz - 1)
-    zb = (z0 + 1).clamp(0, nz - 1)
-    flat = vol.reshape(-1)
-    c00 = flat[xa + ya + za] * (1 - fz) + flat[xa + ya + zb] * fz
-    c01 = flat[xa + yb + za] * (1 - fz) + flat[xa + yb + zb] * fz
-    c10 = flat[xb + ya + za] * (1 - fz) + flat[xb + ya + zb] * fz
-    c11 = flat[xb + yb + za] * (1 - fz) + flat[xb + yb + zb] * fz
-    out = (c00 * (1 - fy) + c01 * fy) * (1 - fx) + (c10 * (1 - fy) + c11 * fy) * fx
-    return torch.where(inside, out, fill.to(dt).view(nb, 1, 1, 1))
+    return _trilinear_at(vol.reshape(-1), (nx, ny, nz), px, py, pz, base, fill.to(dt).view(nb, 1, 1, 1))
 
 
 def _grid_sample_backend(vol: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
@@ -165,6 +187,51 @@ def _grid_sample_backend(vol: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fi
     return torch.where(inside, out, fill.to(dt).view(nb, 1, 1, 1))
 
 
+#: Block edge along the last axis: one 512-bit vector of float32, the unit inductor vectorises over.
+_BLOCK_Z = 16
+
+
+def _block_edge(n: int, lo: int = 8, hi: int = 16) -> int:
+    """Block edge in ``[lo, hi]`` that pads ``n`` least (the larger on ties): 169 -> 13, 208 -> 16."""
+    return min(range(hi, lo - 1, -1), key=lambda t: -(-n // t) * t)
+
+
+def _blocked_trilinear(
+    vol: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fill: torch.Tensor, block: tuple[int, int, int]
+) -> torch.Tensor:
+    """Semantics of :func:`_trilinear_gather` for one ``(X, Y, Z)`` volume, computed block by block.
+
+    Returns the blocked layout ``(BX, BY, BZ, tx, ty, tz)`` (the volume padded up to whole blocks;
+    padded points are computed like any other and cut off by :func:`_unblock`).
+    """
+    nx, ny, nz = vol.shape
+    dev, dt = vol.device, vol.dtype
+    tx, ty, tz = block
+    bx, by, bz = -(-nx // tx), -(-ny // ty), -(-nz // tz)
+
+    def coord(axis: int, blocks: int, edge: int) -> torch.Tensor:  # index along `axis`, blocked shape
+        outer, inner = [1] * 6, [1] * 6
+        outer[axis], inner[3 + axis] = blocks, edge
+        idx = torch.arange(blocks, device=dev).view(outer) * edge + torch.arange(edge, device=dev).view(inner)
+        return idx.to(dt)
+
+    x, y, z = coord(0, bx, tx), coord(1, by, ty), coord(2, bz, tz)
+    a = a.to(dt)
+    b = b.to(dt)
+    px = a[0, 0] * x + a[0, 1] * y + a[0, 2] * z + b[0]
+    py = a[1, 0] * x + a[1, 1] * y + a[1, 2] * z + b[1]
+    pz = a[2, 0] * x + a[2, 1] * y + a[2, 2] * z + b[2]
+    return _trilinear_at(vol.reshape(-1), (nx, ny, nz), px, py, pz, 0, fill.to(dt))
+
+
+def _unblock(blocked: torch.Tensor, vol: torch.Tensor, subtract: bool) -> torch.Tensor:
+    """Array-order ``(X, Y, Z)`` view of a blocked result, minus ``vol`` when ``subtract``."""
+    bx, by, bz, tx, ty, tz = blocked.shape
+    nx, ny, nz = vol.shape
+    out = blocked.permute(0, 3, 1, 4, 2, 5).reshape(bx * tx, by * ty, bz * tz)[:nx, :ny, :nz]
+    return out - vol if subtract else out.contiguous()
+
+
 _COMPILED: dict[str, Callable | None] = {}
 
 
@@ -176,7 +243,18 @@ def _compiled_backend() -> Callable | None:
     """
     if "fn" not in _COMPILED:
         try:
-            _COMPILED["fn"] = torch.compile(_trilinear_gather, dynamic=False)
+            # the gathers' indices are clamped into the volume, so inductor's per-gather bounds
+            # assertion (20 % of the kernel's time) is redundant; the two passes are compiled
+            # separately so that the blocked loop order is kept (fused, inductor would loop in the
+            # output's array order)
+            blocked = torch.compile(_blocked_trilinear, dynamic=False, options={"assert_indirect_indexing": False})
+            unblock = torch.compile(_unblock, dynamic=False)
+
+            def fn(vol: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fill: torch.Tensor, subtract: bool) -> torch.Tensor:
+                block = (_block_edge(vol.shape[0]), _block_edge(vol.shape[1]), _BLOCK_Z)
+                return unblock(blocked(vol, a, b, fill, block), vol, subtract)
+
+            _COMPILED["fn"] = fn
         except Exception as err:  # noqa: BLE001 - any set-up failure means "use the fallback"
             warnings.warn(f"scripts.motion: torch.compile unavailable ({err!r}); using grid_sample", stacklevel=2)
             _COMPILED["fn"] = None
@@ -189,6 +267,7 @@ def resample_rigid(
     b: torch.Tensor,
     fill: torch.Tensor | float = 0.0,
     backend: Backend = "auto",
+    subtract: bool = False,
 ) -> torch.Tensor:
     """Trilinear pull-back resampling ``out[u] = vol[A u + b]`` of a batch of volumes.
 
@@ -199,12 +278,16 @@ def resample_rigid(
         fill: value for points sampled outside the volume, scalar or ``(B,)``.
         backend: ``"auto"``, ``"compiled"``, ``"grid_sample"`` or ``"eager"`` (the un-compiled
             gather kernel; slow, for testing).
+        subtract: return ``resampled - vol`` instead (fused into the last pass of the compiled
+            kernel; what the motion simulators transform).
 
     Returns:
         ``(B, X, Y, Z)`` tensor of the input dtype on the input device.
     """
     if vol.ndim != 4 or not vol.is_floating_point():
         raise ValueError(f"resample_rigid expects a floating (B, X, Y, Z) tensor, got {tuple(vol.shape)} {vol.dtype}")
+    if not (torch.isfinite(torch.as_tensor(a)).all() and torch.isfinite(torch.as_tensor(b)).all()):
+        raise ValueError("resample_rigid: the map A, b must be finite (got NaN or infinity in the motion parameters?)")
     nb = vol.shape[0]
     a = (a.expand(nb, 3, 3) if a.ndim == 2 else a).to(device=vol.device, dtype=torch.float64).contiguous()
     b = (b.expand(nb, 3) if b.ndim == 1 else b).to(device=vol.device, dtype=torch.float64).contiguous()
@@ -222,18 +305,19 @@ def resample_rigid(
         fn = _compiled_backend()
         if fn is not None:
             try:
-                if nb == 1:
-                    return fn(vol, a, b, fill_t)
-                return torch.cat([fn(vol[i : i + 1], a[i : i + 1], b[i : i + 1], fill_t[i : i + 1]) for i in range(nb)])
+                outs = [fn(vol[i], a[i], b[i], fill_t[i], subtract) for i in range(nb)]
+                return outs[0].unsqueeze(0) if nb == 1 else torch.stack(outs)
             except Exception as err:  # noqa: BLE001 - e.g. no C++ compiler at the first call
                 warnings.warn(f"scripts.motion: compiled resampling failed ({err!r}); using grid_sample", stacklevel=2)
                 _COMPILED["fn"] = None
         backend = "grid_sample"
     if backend == "grid_sample":
-        return _grid_sample_backend(vol, a, b, fill_t)
-    if backend == "eager":
-        return _trilinear_gather(vol, a, b, fill_t)
-    raise ValueError(f"resample_rigid: unknown backend {backend!r}")
+        out = _grid_sample_backend(vol, a, b, fill_t)
+    elif backend == "eager":
+        out = _trilinear_gather(vol, a, b, fill_t)
+    else:
+        raise ValueError(f"resample_rigid: unknown backend {backend!r}")
+    return out.sub_(vol) if subtract else out
 
 
 @functools.lru_cache(maxsize=16)
