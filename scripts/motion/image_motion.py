@@ -164,65 +164,61 @@ def _stitch_segments(
     The phase axis is the last axis of ``vol`` (``(X, Y, L)``), or the first (``(L, X, Y)``) when
     ``phase_first``. ``move(row)`` returns the moved volume of parameter row ``row`` minus ``vol``
     (same shape as ``vol``); it is called once per non-empty moved segment, so only one moved
-    volume lives at a time. Frequencies are handled as ``[Re | Im]`` rows of a transposed hybrid
-    spectrum ``(2F, N)``, ``N`` the number of lines along the phase axis. The result is written
-    into ``out`` (C-contiguous, shape of ``vol``) when given.
+    volume lives at a time. Spectra are real ``(N, [Re | Im])`` matrices, ``N`` the number of lines
+    along the phase axis, computed as ``lines @ [cos | -sin]`` (the faster GEMM orientation). The
+    result is written into ``out`` (C-contiguous, shape of ``vol``) when given.
     """
     length = vol.shape[0] if phase_first else vol.shape[-1]
     dev, dt = vol.device, vol.dtype
     flat = vol.reshape(length, -1) if phase_first else vol.reshape(-1, length)  # (L, N) or (N, L)
+    lines = flat.T if phase_first else flat  # (N, L) view: one row per line along the phase axis
     res = torch.empty_like(vol) if out is None else out
     dest = res.view(flat.shape)
     half = length // 2
-    pieces: list[tuple[torch.Tensor, torch.Tensor]] = []  # (signed freqs, G^T = [Re; Im] (2M, N))
-    for s, row in enumerate(source):
-        lo, hi = bounds[s], bounds[s + 1]
-        if row < 0 or hi <= lo:
-            continue
-        freqs = torch.arange(lo, hi, device=dev) - half
-        cos, sin = dft_matrices(length, freqs, dev, dt)
-        diff = move(row).reshape(flat.shape)
-        pieces.append((freqs, torch.mm(torch.cat([cos, -sin], dim=1).T, diff if phase_first else diff.T)))
-    if not pieces:
-        return dest.copy_(flat).view(vol.shape)
+    moved = [(bounds[s], bounds[s + 1], row) for s, row in enumerate(source) if row >= 0 and bounds[s + 1] > bounds[s]]
+    if not moved:
+        dest.copy_(flat)
+        return res
     if output == "real":
-        # Re(IDFT) only needs H(|f|) = G(f) + conj(G(-f)) for f >= 0
-        mags = torch.cat([f.abs() for f, _ in pieces]).unique()
+        # Re(IDFT) only needs H(|f|) = G(f) + conj(G(-f)) for f >= 0, and a segment (one-signed: the
+        # unmoved segment holds f = 0) adds to H(|f|) exactly its DFT at +|f|: accumulate those
+        # into h (N, [Re | Im]) at the columns of the |f| it covers (contiguous)
+        mags = torch.cat([(torch.arange(lo, hi, device=dev) - half).abs() for lo, hi, _ in moved]).unique()
         col = torch.full((half + 1,), -1, dtype=torch.long, device=dev)
         col[mags] = torch.arange(mags.numel(), device=dev)
         na = mags.numel()
-        h = torch.zeros(2 * na, pieces[0][1].shape[1], dtype=dt, device=dev)
-        for freqs, g in pieces:
-            m = freqs.numel()
-            for part in (freqs < 0, freqs >= 0):
-                sel = torch.nonzero(part).flatten()
-                if sel.numel() == 0:
-                    continue
-                lo_i, hi_i = int(sel[0]), int(sel[-1]) + 1  # contiguous run of one sign
-                re, im = g[lo_i:hi_i], g[m + lo_i : m + hi_i]
-                if bool(freqs[lo_i] < 0):  # |f| descending: flip, and conj(G(-f)) flips Im
-                    re, im = re.flip(0), -im.flip(0)
-                p0 = int(col[freqs[lo_i:hi_i].abs().min()])
-                h[p0 : p0 + hi_i - lo_i] += re
-                h[na + p0 : na + p0 + hi_i - lo_i] += im
+        h = torch.zeros(lines.shape[0], 2 * na, dtype=dt, device=dev)
+        for lo, hi, row in moved:
+            fa = (torch.arange(lo, hi, device=dev) - half).abs().sort().values
+            cos, sin = dft_matrices(length, fa, dev, dt)
+            diff = move(row).reshape(flat.shape)
+            g = torch.mm(diff.T if phase_first else diff, torch.cat([cos, -sin], dim=1))  # (N, 2m)
+            p0, m = int(col[fa[0]]), fa.numel()
+            h[:, p0 : p0 + m] += g[:, :m]
+            h[:, na + p0 : na + p0 + m] += g[:, m:]
         cos, sin = dft_matrices(length, mags, dev, dt)
         inv = torch.cat([cos.T, -sin.T], dim=0) / length  # (2A, L)
         if phase_first:
-            torch.addmm(flat, inv.T, h, out=dest)
+            torch.addmm(flat, inv.T, h.T, out=dest)
         else:
-            torch.addmm(flat, h.T, inv, out=dest)
+            torch.addmm(flat, h, inv, out=dest)
         return res
-    freqs = torch.cat([f for f, _ in pieces])
-    g = torch.cat([p[1][: p[0].numel()] for p in pieces] + [p[1][p[0].numel():] for p in pieces], 0)
+    # magnitude: the full complex spectrum of the moved frequencies
+    parts, all_freqs = [], []
+    for lo, hi, row in moved:
+        freqs = torch.arange(lo, hi, device=dev) - half
+        cos, sin = dft_matrices(length, freqs, dev, dt)
+        diff = move(row).reshape(flat.shape)
+        parts.append(torch.mm(diff.T if phase_first else diff, torch.cat([cos, -sin], dim=1)))  # (N, 2m)
+        all_freqs.append(freqs)
+    freqs = torch.cat(all_freqs)
+    g = torch.cat([p[:, : f.numel()] for p, f in zip(parts, all_freqs)] + [p[:, f.numel():] for p, f in zip(parts, all_freqs)], 1)
     cos, sin = dft_matrices(length, freqs, dev, dt)
     inv = torch.cat([torch.cat([cos.T, sin.T], 1), torch.cat([-sin.T, cos.T], 1)], 0) / length  # (2F, 2L)
-    if phase_first:
-        c = torch.mm(inv.T, g)  # (2L, N)
-        real, imag = flat + c[:length], c[length:]
-    else:
-        c = torch.mm(g.T, inv)  # (N, 2L)
-        real, imag = flat + c[:, :length], c[:, length:]
-    torch.sqrt(real * real + imag * imag, out=dest)
+    c = torch.mm(g, inv)  # (N, 2L)
+    real, imag = lines + c[:, :length], c[:, length:]
+    mag = torch.sqrt(real * real + imag * imag)
+    dest.copy_(mag.T if phase_first else mag)
     return res
 
 

@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gpu-batch", type=int, default=16)
     parser.add_argument("--backend", default="auto", help="CPU resampling: auto (compiled) | grid_sample | compiled")
+    parser.add_argument("--layout", choices=("loaded", "C"), default="loaded",
+                        help="memory order of the volume: as nibabel loads it (Fortran) or C-contiguous")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -63,8 +65,10 @@ def main() -> None:
 
     sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(args.threads)
     img, affine = t1_linear_like_brain()
-    print(f"volume {tuple(img.shape[1:])}, {args.threads} CPU threads, median of {args.repeats} runs, "
-          f"resampling backend {args.backend}")
+    if args.layout == "C":
+        img = img.contiguous()
+    print(f"volume {tuple(img.shape[1:])} ({'C' if img.is_contiguous() else 'Fortran'} order), {args.threads} CPU "
+          f"threads, median of {args.repeats} runs, resampling backend {args.backend}")
     rows = []
 
     subject = tio.Subject(image=tio.ScalarImage(tensor=img, affine=affine.numpy()))
