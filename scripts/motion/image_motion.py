@@ -183,20 +183,20 @@ def _stitch_segments(
         # Re(IDFT) only needs H(|f|) = G(f) + conj(G(-f)) for f >= 0, and a segment (one-signed: the
         # unmoved segment holds f = 0) adds to H(|f|) exactly its DFT at +|f|: accumulate those
         # into h (N, [Re | Im]) at the columns of the |f| it covers (contiguous)
-        mags = torch.cat([(torch.arange(lo, hi, device=dev) - half).abs() for lo, hi, _ in moved]).unique()
-        col = torch.full((half + 1,), -1, dtype=torch.long, device=dev)
-        col[mags] = torch.arange(mags.numel(), device=dev)
-        na = mags.numel()
+        # (index bookkeeping on the host: no device synchronisation on a GPU)
+        mags = sorted({abs(f - half) for lo, hi, _ in moved for f in range(lo, hi)})
+        col = {f: i for i, f in enumerate(mags)}
+        na = len(mags)
         h = torch.zeros(lines.shape[0], 2 * na, dtype=dt, device=dev)
         for lo, hi, row in moved:
-            fa = (torch.arange(lo, hi, device=dev) - half).abs().sort().values
-            cos, sin = dft_matrices(length, fa, dev, dt)
+            fa = sorted(abs(f - half) for f in range(lo, hi))  # contiguous integers
+            cos, sin = dft_matrices(length, torch.tensor(fa), dev, dt)
             diff = move(row).reshape(flat.shape)
             g = torch.mm(diff.T if phase_first else diff, torch.cat([cos, -sin], dim=1))  # (N, 2m)
-            p0, m = int(col[fa[0]]), fa.numel()
+            p0, m = col[fa[0]], len(fa)
             h[:, p0 : p0 + m] += g[:, :m]
             h[:, na + p0 : na + p0 + m] += g[:, m:]
-        cos, sin = dft_matrices(length, mags, dev, dt)
+        cos, sin = dft_matrices(length, torch.tensor(mags), dev, dt)
         inv = torch.cat([cos.T, -sin.T], dim=0) / length  # (2A, L)
         if phase_first:
             torch.addmm(flat, inv.T, h.T, out=dest)
@@ -206,7 +206,7 @@ def _stitch_segments(
     # magnitude: the full complex spectrum of the moved frequencies
     parts, all_freqs = [], []
     for lo, hi, row in moved:
-        freqs = torch.arange(lo, hi, device=dev) - half
+        freqs = torch.arange(lo, hi) - half
         cos, sin = dft_matrices(length, freqs, dev, dt)
         diff = move(row).reshape(flat.shape)
         parts.append(torch.mm(diff.T if phase_first else diff, torch.cat([cos, -sin], dim=1)))  # (N, 2m)
