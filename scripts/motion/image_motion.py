@@ -179,6 +179,12 @@ def _stitch_segments(
     if not moved:
         dest.copy_(flat)
         return res
+    def spectrum(row: int, freqs: torch.Tensor) -> torch.Tensor:
+        """``(N, [Re | Im])`` DFT of moved-minus-unmoved at the signed frequencies ``freqs``."""
+        cos, sin = dft_matrices(length, freqs, dev, dt)
+        diff = move(row).reshape(flat.shape)
+        return torch.mm(diff.T if phase_first else diff, torch.cat([cos, -sin], dim=1))
+
     if output == "real":
         # Re(IDFT) only needs H(|f|) = G(f) + conj(G(-f)) for f >= 0, and a segment (one-signed: the
         # unmoved segment holds f = 0) adds to H(|f|) exactly its DFT at +|f|: accumulate those
@@ -190,9 +196,7 @@ def _stitch_segments(
         h = torch.zeros(lines.shape[0], 2 * na, dtype=dt, device=dev)
         for lo, hi, row in moved:
             fa = sorted(abs(f - half) for f in range(lo, hi))  # contiguous integers
-            cos, sin = dft_matrices(length, torch.tensor(fa), dev, dt)
-            diff = move(row).reshape(flat.shape)
-            g = torch.mm(diff.T if phase_first else diff, torch.cat([cos, -sin], dim=1))  # (N, 2m)
+            g = spectrum(row, torch.tensor(fa))
             p0, m = col[fa[0]], len(fa)
             h[:, p0 : p0 + m] += g[:, :m]
             h[:, na + p0 : na + p0 + m] += g[:, m:]
@@ -203,19 +207,15 @@ def _stitch_segments(
         else:
             torch.addmm(flat, h, inv, out=dest)
         return res
-    # magnitude: the full complex spectrum of the moved frequencies
-    parts, all_freqs = [], []
+    # magnitude: the full complex spectrum of the moved frequencies, each segment's [Re | Im]
+    # columns against its own rows of the inverse transform
+    parts, invs = [], []
     for lo, hi, row in moved:
         freqs = torch.arange(lo, hi) - half
+        parts.append(spectrum(row, freqs))
         cos, sin = dft_matrices(length, freqs, dev, dt)
-        diff = move(row).reshape(flat.shape)
-        parts.append(torch.mm(diff.T if phase_first else diff, torch.cat([cos, -sin], dim=1)))  # (N, 2m)
-        all_freqs.append(freqs)
-    freqs = torch.cat(all_freqs)
-    g = torch.cat([p[:, : f.numel()] for p, f in zip(parts, all_freqs)] + [p[:, f.numel():] for p, f in zip(parts, all_freqs)], 1)
-    cos, sin = dft_matrices(length, freqs, dev, dt)
-    inv = torch.cat([torch.cat([cos.T, sin.T], 1), torch.cat([-sin.T, cos.T], 1)], 0) / length  # (2F, 2L)
-    c = torch.mm(g, inv)  # (N, 2L)
+        invs.append(torch.cat([torch.cat([cos.T, sin.T], 1), torch.cat([-sin.T, cos.T], 1)], 0) / length)
+    c = torch.mm(torch.cat(parts, 1), torch.cat(invs, 0))  # (N, 2L)
     real, imag = lines + c[:, :length], c[:, length:]
     mag = torch.sqrt(real * real + imag * imag)
     dest.copy_(mag.T if phase_first else mag)
