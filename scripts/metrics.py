@@ -197,7 +197,6 @@ def mcnemar(
 BOOTSTRAP_METRICS = ("balanced_accuracy", "sensitivity", "specificity", "roc_auc")
 
 
-
 def bootstrap_ci(
     labels: Sequence[int] | np.ndarray,
     prob_motion: Sequence[float] | np.ndarray,

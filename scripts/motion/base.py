@@ -23,7 +23,7 @@ from monai.utils import convert_to_dst_type
 
 from .metrics import METRIC_NAMES, motion_metrics
 
-__all__ = ["parse_range", "as_volume", "set_motion_label", "RandMotionDictBase"]
+__all__ = ["parse_range", "parse_phase_axes", "draw_phase_axis", "as_volume", "set_motion_label", "RandMotionDictBase"]
 
 
 def parse_range(value: float | Sequence[float], name: str) -> tuple[float, float]:
@@ -36,6 +36,19 @@ def parse_range(value: float | Sequence[float], name: str) -> tuple[float, float
     if len(vals) != 2 or vals[0] > vals[1]:
         raise ValueError(f"{name}: expected a scalar or a pair (low, high) with low <= high, got {value!r}")
     return (vals[0], vals[1])
+
+
+def parse_phase_axes(phase_axis: int | Sequence[int], where: str) -> list[int]:
+    """Phase-encoding axes to draw from: one spatial axis (0, 1, 2) or a non-empty list of them."""
+    axes = [phase_axis] if isinstance(phase_axis, (int, np.integer)) else list(phase_axis)
+    if not axes or any(ax not in (0, 1, 2) for ax in axes):
+        raise ValueError(f"{where}: phase_axis must be in (0, 1, 2) or a list of them, got {phase_axis!r}")
+    return [int(ax) for ax in axes]
+
+
+def draw_phase_axis(rng: np.random.RandomState, axes: list[int]) -> int:
+    """One of ``axes``; no random number is consumed when there is only one."""
+    return int(rng.choice(axes)) if len(axes) > 1 else axes[0]
 
 
 def as_volume(img: Any, affine: Any = None, where: str = "motion") -> tuple[torch.Tensor, torch.Tensor]:

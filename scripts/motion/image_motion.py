@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from monai.transforms import RandomizableTransform, Transform
 
-from .base import RandMotionDictBase, as_volume, parse_range, wrap_like
+from .base import RandMotionDictBase, as_volume, draw_phase_axis, parse_phase_axes, parse_range, wrap_like
 from .resample import Backend, dft_matrices, euler_to_matrix, resample_rigid, rigid_index_map
 
 __all__ = [
@@ -353,10 +353,7 @@ class RandImageMotion(RandomizableTransform):
         self.degrees = parse_range(degrees, "degrees")
         self.translation = parse_range(translation, "translation")
         self.num_transforms = int(num_transforms)
-        axes = [phase_axis] if isinstance(phase_axis, (int, np.integer)) else list(phase_axis)
-        if not axes or any(ax not in (0, 1, 2) for ax in axes):
-            raise ValueError(f"RandImageMotion: phase_axis must be in (0, 1, 2) or a list of them, got {phase_axis!r}")
-        self.phase_axes = [int(ax) for ax in axes]
+        self.phase_axes = parse_phase_axes(phase_axis, "RandImageMotion")
         self.center, self.output, self.backend = center, output, backend
         self._params: dict[str, torch.Tensor] | None = None
         self._axis = self.phase_axes[0]
@@ -366,7 +363,7 @@ class RandImageMotion(RandomizableTransform):
         if not self._do_transform:
             return
         self._params = sample_image_motion_params(self.R, self.degrees, self.translation, self.num_transforms)
-        self._axis = int(self.R.choice(self.phase_axes)) if len(self.phase_axes) > 1 else self.phase_axes[0]
+        self._axis = draw_phase_axis(self.R, self.phase_axes)
 
     def __call__(self, img: Any, randomize: bool = True) -> Any:
         if randomize:

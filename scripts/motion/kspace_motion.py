@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from monai.transforms import RandomizableTransform, Transform
 
-from .base import RandMotionDictBase, as_volume, wrap_like
+from .base import RandMotionDictBase, as_volume, draw_phase_axis, parse_phase_axes, wrap_like
 from .resample import Backend, dft_matrices, euler_to_matrix, resample_rigid, voxel_spacing
 from .timecourse import KSPACE_MOTION_PRESETS, TIME_COURSE_DEFAULTS, demean_course, random_time_course, resample_course
 
@@ -318,10 +318,7 @@ class RandKSpaceMotion(RandomizableTransform):
             "global_disp": global_disp, "global_rot": global_rot,
         }
         random_time_course(np.random.RandomState(0), self.n_t, **self.ranges)  # validate early
-        axes = [phase_axis] if isinstance(phase_axis, (int, np.integer)) else list(phase_axis)
-        if not axes or any(ax not in (0, 1, 2) for ax in axes):
-            raise ValueError(f"RandKSpaceMotion: phase_axis must be in (0, 1, 2) or a list of them, got {phase_axis!r}")
-        self.phase_axes = [int(ax) for ax in axes]
+        self.phase_axes = parse_phase_axes(phase_axis, "RandKSpaceMotion")
         self.n_segments, self.demean, self.output = int(n_segments), demean, output
         self.oversampling, self.backend = float(oversampling), backend
         self._course: torch.Tensor | None = None
@@ -334,7 +331,7 @@ class RandKSpaceMotion(RandomizableTransform):
         if not self._do_transform:
             return
         self._course, self._info = random_time_course(self.R, self.n_t, **self.ranges)
-        self._axis = int(self.R.choice(self.phase_axes)) if len(self.phase_axes) > 1 else self.phase_axes[0]
+        self._axis = draw_phase_axis(self.R, self.phase_axes)
 
     def __call__(self, img: Any, randomize: bool = True) -> Any:
         if randomize:
