@@ -16,7 +16,7 @@ from scripts.datalist import write_json_atomic
 from scripts.metrics import binary_metrics, evaluation_statistics, save_roc_plot, write_threshold
 from scripts.transforms import image_source
 
-__all__ = ["stack_output", "PredictionWriter", "EvaluationWriter", "write_csv_atomic"]
+__all__ = ["stack_output", "PredictionWriter", "EvaluationWriter", "write_csv_atomic", "TrainingCheckpoint", "LearningCurve"]
 
 logger = logging.getLogger(__name__)
 
@@ -202,3 +202,119 @@ class EvaluationWriter(PredictionWriter):
         roc = save_roc_plot(labels, probs, self.output_dir / "roc.png", threshold=self.threshold)
         logger.info("statistics (bootstrap CIs, ECE %.3f, threshold choice) written to %s%s", statistics["ece"],
                     self.output_dir, "" if roc else " (no ROC plot: one class only)")
+
+
+class TrainingCheckpoint:
+    """Resumable training: the whole trainer state saved every ``interval`` iterations, loaded at start.
+
+    ``save_dict`` maps names to objects with ``state_dict``/``load_state_dict`` (the trainer itself,
+    network, optimizer, scheduler). The file is written atomically (temporary file, then rename), so
+    a run killed at any moment leaves the previous checkpoint intact; a restart with the same config
+    continues from the saved iteration. After a load, torch's global seed is moved on by the
+    iteration count so that a resumed run does not replay the random draws of the first one.
+
+    Args:
+        path: checkpoint file (e.g. ``runs/pretrain/last.pt``).
+        save_dict: objects to save and restore.
+        interval: iterations between saves (and one at the end of every epoch).
+        seed: base seed for the reseeding after a load.
+    """
+
+    def __init__(self, path: str | os.PathLike, save_dict: dict[str, Any], interval: int = 50, seed: int = 0) -> None:
+        if interval < 1:
+            raise ValueError(f"TrainingCheckpoint: interval must be >= 1, got {interval}")
+        self.path = Path(path)
+        self.save_dict = save_dict
+        self.interval = int(interval)
+        self.seed = int(seed)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self.save)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+    def save(self, engine: Engine | None = None) -> Path:
+        state = {name: obj.state_dict() for name, obj in self.save_dict.items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+        return self.path
+
+    def load(self, engine: Engine | None = None) -> bool:
+        """Restore everything from ``path`` if it exists; returns whether it did."""
+        if not self.path.is_file():
+            return False
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        missing = sorted(set(self.save_dict) - set(state))
+        if missing:
+            raise ValueError(f"checkpoint {self.path} lacks {missing}; delete it to start afresh")
+        for name, obj in self.save_dict.items():
+            if isinstance(obj, Engine):  # keep this run's max_epochs: a longer run continues an earlier one
+                max_epochs = obj.state.max_epochs
+                obj.load_state_dict(state[name])
+                obj.state.max_epochs = max_epochs
+            else:
+                obj.load_state_dict(state[name])
+        iteration = int(state.get("trainer", {}).get("iteration", 0))
+        torch.manual_seed(self.seed + iteration)
+        logger.info("resumed from %s at iteration %d", self.path, iteration)
+        return True
+
+
+class LearningCurve:
+    """Append the learning curve to a TSV: the mean training loss every ``every`` iterations, and
+    the validator's metrics after each validation (``attach`` to the trainer, ``attach_validator``
+    to the evaluator). Columns: ``time, iteration, epoch, split, name, value``."""
+
+    def __init__(self, path: str | os.PathLike, every: int = 10) -> None:
+        self.path = Path(path)
+        self.every = int(every)
+        self._losses: list[float] = []
+        self._trainer: Engine | None = None
+
+    def _append(self, rows: list[tuple[Any, ...]]) -> None:
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists()
+        with self.path.open("a") as f:
+            if new:
+                f.write("time\titeration\tepoch\tsplit\tname\tvalue\n")
+            for row in rows:
+                f.write("\t".join(str(v) for v in (f"{time.time():.0f}", *row)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def attach(self, engine: Engine) -> None:
+        self._trainer = engine
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._on_iteration)
+
+    def attach_validator(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._on_validation)
+
+    def for_validator(self) -> Any:
+        """A handler (``attach(evaluator)``) that logs the validator's metrics into this curve."""
+        curve = self
+
+        class _ValidatorCurve:
+            def attach(self, engine: Engine) -> None:
+                curve.attach_validator(engine)
+
+        return _ValidatorCurve()
+
+    def _on_iteration(self, engine: Engine) -> None:
+        out = engine.state.output
+        items = out if isinstance(out, list) else [out]
+        self._losses.append(float(torch.as_tensor(items[0]["loss"]).mean()))
+        if engine.state.iteration % self.every == 0:
+            loss = sum(self._losses) / len(self._losses)
+            self._losses.clear()
+            self._append([(engine.state.iteration, engine.state.epoch, "train", "loss", f"{loss:.5f}")])
+
+    def _on_validation(self, engine: Engine) -> None:
+        it = self._trainer.state.iteration if self._trainer else 0
+        ep = self._trainer.state.epoch if self._trainer else 0
+        rows = [(it, ep, "validation", k, f"{float(v):.5f}") for k, v in engine.state.metrics.items()
+                if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)]
+        self._append(rows)
