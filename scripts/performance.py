@@ -54,15 +54,26 @@ def channels_last(module: torch.nn.Module, enable: bool = True) -> Any:
 
 
 class ChannelsLastPrepareBatch:
-    """``prepare_batch`` for MONAI engines: MONAI's default, with the image in channels-last 3D memory."""
+    """``prepare_batch`` for MONAI engines: MONAI's default, with the image in channels-last 3D memory.
 
-    def __init__(self, enable: bool = True) -> None:
+    Args:
+        enable: False gives MONAI's default unchanged.
+        as_tensor: return plain tensors instead of MONAI ``MetaTensor`` (the metadata is dropped). Needed
+            with ``SupervisedTrainer(compile=True)``: MONAI 1.6 fails copying a collated batch's metadata
+            back onto the logits ("Boolean value of Tensor with more than one value is ambiguous").
+    """
+
+    def __init__(self, enable: bool = True, as_tensor: bool = False) -> None:
         self.enable = enable
+        self.as_tensor = as_tensor
 
     def __call__(self, batchdata: Any, device: Any = None, non_blocking: bool = False, **kwargs: Any):
+        from monai.data import MetaTensor
         from monai.engines.utils import default_prepare_batch
 
         image, label = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
+        if self.as_tensor:
+            image, label = (t.as_tensor() if isinstance(t, MetaTensor) else t for t in (image, label))
         if self.enable and torch.as_tensor(image).ndim == 5:
             image = image.contiguous(memory_format=CHANNELS_LAST)
         return image, label

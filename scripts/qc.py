@@ -16,7 +16,9 @@ Pipeline per scan (in worker processes, overlapping with inference in the main p
 read (ITK: NIfTI, MetaImage, NRRD, DICOM series folder; reoriented to RAS) -> input checks ->
 t1-linear space? (shape and affine, or ``input_space``) else T1Linear preprocessing (N4 + affine to
 MNI) -> brain checks in t1-linear space -> the config's intensity normalisation. The main process
-batches the scans through the network, adds a Grad-CAM saliency map and writes a thumbnail.
+batches the scans through the network, adds a Grad-CAM saliency map and writes a thumbnail. On CPU the
+network and its inputs are in channels-last 3D memory and glibc keeps freed memory for reuse
+(:mod:`scripts.performance`, docs/performance.md); both are switches of :class:`QCJob`.
 
 Exit code of ``python -m monai.bundle run --config_file configs/inference.yaml``: 0 when every input
 has its row (whatever the statuses); 1 on a fatal problem before any scan is processed (``--input``
@@ -41,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from scripts import performance
 from scripts.datalist import bids_entities, load_datalist
 
 __all__ = [
@@ -583,6 +586,10 @@ class QCJob:
         flush_every: rewrite ``qc.tsv`` every this many new rows (it is always written at the end).
         strict: raise ``SystemExit(3)`` at the end when an input failed.
         multiprocessing_context: worker start method (None: the platform default).
+        channels_last: network and inputs in channels-last 3D memory (faster Conv3d on CPU; same results
+            within float rounding).
+        tune_allocator: :func:`scripts.performance.tune_allocator` at the start of :meth:`run` (a process
+            setting, inherited by the preprocessing workers; a no-op off Linux/glibc).
         rank, world_size: shard of this process (default: from ``torch.distributed`` when
             initialised, else 0 of 1). Rank 0 merges every rank's journal into the TSV.
     """
@@ -614,6 +621,8 @@ class QCJob:
         multiprocessing_context: str | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        channels_last: bool = True,
+        tune_allocator: bool = True,
     ) -> None:
         if saliency not in ("gradcam", "occlusion", "none"):
             raise ValueError(f"saliency must be 'gradcam', 'occlusion' or 'none', got {saliency!r}.")
@@ -641,6 +650,8 @@ class QCJob:
         self.flush_every = max(1, int(flush_every))
         self.strict = bool(strict)
         self.multiprocessing_context = multiprocessing_context
+        self.channels_last = bool(channels_last)
+        self.tune_allocator = bool(tune_allocator)
         dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank = int(rank) if rank is not None else (torch.distributed.get_rank() if dist_on else 0)
         self.world_size = int(world_size) if world_size is not None else (torch.distributed.get_world_size() if dist_on else 1)
@@ -663,7 +674,7 @@ class QCJob:
             state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
             self.network.load_state_dict(state)
             self.model_sha256 = file_hash(self.ckpt_path)
-        self.network.to(self.device).eval()
+        performance.channels_last(self.network.to(self.device).eval(), self.channels_last)
 
     @property
     def table_path(self) -> Path:
@@ -673,6 +684,7 @@ class QCJob:
     def run(self) -> dict[str, int]:
         """Process every input not yet recorded; returns ``{status: count}`` over all inputs."""
         items = collect_inputs(self.input, self.datalist_key)  # FileNotFoundError: fatal
+        performance.tune_allocator(self.tune_allocator)
         self._load_weights()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "qc_thumbnails").mkdir(parents=True, exist_ok=True)
@@ -804,7 +816,13 @@ class QCJob:
             remaining.pop(row["path"], None)
 
     # -- inference -----------------------------------------------------------------------------
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A (B, C, X, Y, Z) batch on the network's device, in channels-last 3D memory when enabled."""
+        x = x.to(self.device)
+        return x.contiguous(memory_format=performance.CHANNELS_LAST) if self.channels_last and x.ndim == 5 else x
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._to_device(x)
         with torch.no_grad():
             logits = self.inferer(x, self.network) if self.inferer is not None else self.network(x)
             return torch.softmax(logits.float(), dim=1)[:, self.motion_index].cpu()
@@ -827,7 +845,7 @@ class QCJob:
                         results.append(self._score_one(r))
             else:
                 try:
-                    probs = self._forward(torch.stack([r["image"] for r in scored]).to(self.device)).tolist()
+                    probs = self._forward(torch.stack([r["image"] for r in scored])).tolist()
                     results = [(p, "", "") for p in probs]
                 except Exception:  # noqa: BLE001 - retried one by one below
                     self._free_memory()
@@ -849,7 +867,7 @@ class QCJob:
 
     def _score_one(self, r: dict[str, Any]) -> tuple[float | None, str, str]:
         try:
-            return float(self._forward(r["image"][None].to(self.device))[0]), "", ""
+            return float(self._forward(r["image"][None])[0]), "", ""
         except Exception as err:  # noqa: BLE001
             self._free_memory()
             if isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(err).lower():
@@ -880,7 +898,7 @@ class QCJob:
             layer.register_forward_hook(lambda module, args, output: output.detach().requires_grad_(True))
             self.network.register_forward_hook(lambda module, args, output: setattr(self, "_logits", output.detach()))
             self._cam = GradCAM(nn_module=self.network, target_layers=self.saliency_layer)
-        sal = self._cam(image[None].to(self.device), class_idx=self.motion_index)
+        sal = self._cam(self._to_device(image[None]), class_idx=self.motion_index)
         prob = torch.softmax(self._logits.float(), dim=1)[0, self.motion_index].item()
         return prob, sal.detach().cpu().numpy()[0, 0]
 
@@ -896,7 +914,7 @@ class QCJob:
                 self._cam = OcclusionSensitivity(nn_module=self.network, mask_size=size, overlap=0.0, n_batch=8,
                                                  mode="mean_img")
             with torch.no_grad():
-                occ, _ = self._cam(r["image"][None].to(self.device))
+                occ, _ = self._cam(self._to_device(r["image"][None]))
             # hiding a region lowers the motion logit: the region pushes towards motion
             sal = -occ[:, self.motion_index : self.motion_index + 1]
             sal = (sal - sal.min()) / (sal.max() - sal.min()).clamp(min=1e-8)

@@ -405,7 +405,9 @@ def render_anatomy(params: Mapping[str, Any], voxel_size: float = 1.0) -> torch.
     inside = torch.sigmoid(-dist / 0.4)
     total = (wm + gm + csf).clamp_(min=1e-3)
     thin = torch.exp(-((_smooth(gen, shape, [6 * n for n in coarse])[0] / 0.08) ** 2))
-    fractions = {"wm": wm / total, "gm": gm / total, "csf": csf / total * (1.0 - thin), "cortical_vessel": csf / total * thin}
+    f_wm, f_gm = wm / total, gm / total
+    f_csf = (1.0 - f_wm - f_gm).clamp_(min=0.0)  # where the template has no tissue at all: CSF
+    fractions = {"wm": f_wm, "gm": f_gm, "csf": f_csf * (1.0 - thin), "cortical_vessel": f_csf * thin}
     layers.lay(fractions, inside)
     return layers.composite().mul_(255.0).round_().to(torch.uint8)
 

@@ -346,3 +346,23 @@ def test_cut_graph_gradcam_equals_monai_gradcam(tmp_path):
         with torch.no_grad():
             assert prob == pytest.approx(torch.softmax(reference_net(x[None] * s), 1)[0, 1].item(), abs=1e-6)
     assert max(float(np.max(m)) for _, m in results) > 0  # a real map somewhere, not all zeros
+
+
+def test_channels_last_scoring_equals_contiguous_scoring_with_gradcam(tmp_path):
+    """The CPU fast path (channels-last network and inputs) changes memory order, not results."""
+    net = save_small_model(tmp_path / "a.pt", seed=12)
+    plain_net = save_small_model(tmp_path / "b.pt", seed=12)
+    jobs = {}
+    for fast, network in ((True, net), (False, plain_net)):
+        jobs[fast] = QCJob(input=[], network=network, output_dir=tmp_path / f"o{fast}", loader=ScanLoader(SMALL_SHAPE),
+                           progress=False, channels_last=fast, tune_allocator=False)
+        jobs[fast]._load_weights()
+    assert net.convolutions[4].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert plain_net.convolutions[4].weight.is_contiguous()
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, *SMALL_SHAPE)
+    np.testing.assert_allclose(jobs[True]._forward(x).numpy(), jobs[False]._forward(x).numpy(), atol=1e-5)
+    (prob_fast, map_fast), (prob_plain, map_plain) = jobs[True]._gradcam(x[0]), jobs[False]._gradcam(x[0])
+    assert prob_fast == pytest.approx(prob_plain, abs=1e-5)
+    assert float(np.max(map_plain)) > 0
+    np.testing.assert_allclose(map_fast, map_plain, atol=1e-4)
