@@ -44,6 +44,7 @@ __all__ = ["BUNDLE_NAME", "bundle_version", "bundle_files", "zip_name", "build_p
 BUNDLE_NAME = "brain_t1w_motion_classification"
 #: top-level files and folders that make up a released bundle; everything else stays in the repository.
 _RELEASED_FILES = ("LICENSE",)
+_RELEASED_OPTIONAL = ("models/threshold.json",)  # shipped beside the weights when present
 _RELEASED_DIRS = {"configs": None, "docs": None, "scripts": (".py",)}  # folder -> allowed suffixes (None: all)
 _WEIGHTS_ARCNAME = "models/model.pt"
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # earliest timestamp a zip can store
@@ -78,6 +79,7 @@ def bundle_files(bundle_root: str | os.PathLike) -> list[tuple[Path, str]]:
         if not (root / name).is_file():
             raise FileNotFoundError(f"{root / name} is required in a bundle and is missing.")
         files.append((root / name, name))
+    files += [(root / name, name) for name in _RELEASED_OPTIONAL if (root / name).is_file()]
     for folder, suffixes in _RELEASED_DIRS.items():
         for path in sorted((root / folder).rglob("*")):
             rel = path.relative_to(root)

@@ -719,14 +719,18 @@ def unpair_batch(batch: Mapping[str, Any], keys: Sequence[str] = ("image", "labe
 
 class PairedPrepareBatch:
     """``prepare_batch`` for MONAI engines fed with pairs: flattens them (:func:`unpair_batch`), moves
-    the images to the device in ``memory_format`` (channels-last 3D is fastest for Conv3d on CPU)."""
+    the images to the device as plain tensors in ``memory_format`` (channels-last 3D is fastest for
+    Conv3d on CPU)."""
 
     def __init__(self, memory_format: torch.memory_format = torch.contiguous_format) -> None:
         self.memory_format = memory_format
 
     def __call__(self, batchdata: Mapping[str, Any], device: Any = None, non_blocking: bool = False, **kwargs: Any):
         flat = unpair_batch(batchdata)
-        image = torch.as_tensor(flat["image"]).to(device=device, non_blocking=non_blocking)
+        image = flat["image"]
+        if isinstance(image, MetaTensor):  # metadata on every op of the step costs ~45 % on CPU
+            image = image.as_tensor()
+        image = torch.as_tensor(image).to(device=device, non_blocking=non_blocking)
         label = flat["label"].to(device=device, non_blocking=non_blocking)
         return image.contiguous(memory_format=self.memory_format), label
 

@@ -42,7 +42,7 @@ def test_torchrun_training_two_processes_gloo(small_demo, tmp_path):
         "--num_workers", "0",
         "--logging_file", str(CONFIGS / "logging.conf"),
     )
-    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    state = torch.load(tmp_path / "runs" / "train" / "model.pt", map_location="cpu", weights_only=True)
     assert "fc.6.weight" in state and not any(k.startswith("module.") for k in state)  # the plain network
     log = proc.stdout + proc.stderr
     # only rank 0 logs iterations: each epoch's first iteration line appears once, not twice

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,9 @@ def study(small_demo, clinical_demo, tmp_path_factory) -> Path:
     common = ["--bundle_root", str(out), "--spatial_size", str(list(SMALL_SHAPE)), "--num_workers", "0", "--batch_size", "4"]
     _cli("training", "--config_file", "configs/train.yaml", "--dataset_dir", str(small_demo), *common,
          "--train#trainer#max_epochs", "1")
+    # the study's own stage 1 becomes the bundle's models/model.pt, which fine-tuning loads by default
+    (out / "models").mkdir()
+    shutil.copy(out / "runs" / "train" / "model.pt", out / "models" / "model.pt")
     _cli("training", "--config_file", "['configs/train.yaml','configs/finetune.yaml']", "--dataset_dir", str(clinical_demo),
          *common, "--train#trainer#max_epochs", "2", "--n_folds", "2", "--test_fraction", "0.25")
     _run(FT + ["scratch.yaml"], out, clinical_demo, **{"train#trainer#max_epochs": 1, **CLINICAL})
@@ -82,8 +86,8 @@ def test_finetune_overlay_properties(small_demo, clinical_demo, tmp_path):
 
 def test_finetuning_changed_only_the_head(study):
     stage1 = torch.load(study / "models" / "model.pt", weights_only=True)
-    tuned = torch.load(study / "models" / "finetuned" / "mov01vs2" / "fold-0" / "model.pt", weights_only=True)
-    scratch = torch.load(study / "models" / "scratch" / "mov01vs2" / "fold-0" / "model.pt", weights_only=True)
+    tuned = torch.load(study / "runs" / "finetuned" / "mov01vs2" / "fold-0" / "model.pt", weights_only=True)
+    scratch = torch.load(study / "runs" / "scratch" / "mov01vs2" / "fold-0" / "model.pt", weights_only=True)
     assert list(stage1) == list(tuned)
     for key, value in stage1.items():
         if key.startswith("fc."):
@@ -164,7 +168,7 @@ def test_cross_validation_driver_and_agreement(study, clinical_demo):
     assert [r["fold"] for r in folds] == ["0", "1"]
     ba = [float(r["balanced_accuracy"]) for r in folds]
     assert summary["test"]["balanced_accuracy"]["mean"] == pytest.approx(sum(ba) / 2, abs=1e-6)
-    assert (study / "models" / "finetuned" / "mov01vs2" / "fold-1" / "model.pt").is_file()
+    assert (study / "runs" / "finetuned" / "mov01vs2" / "fold-1" / "model.pt").is_file()
     _run(["agreement.yaml"], study, clinical_demo, ratings=str(clinical_demo / "ratings.tsv"))
     agreement = json.loads((study / "eval" / "agreement_mov01vs2.json").read_text())
     assert -1.0 <= agreement["kappa"]["rater_1 vs rater_2"]["kappa"] <= 1.0
