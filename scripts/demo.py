@@ -1,12 +1,11 @@
 """The embedded demo dataset, generated from the MNI ICBM152 2009 template that nilearn ships.
 
 Nothing is downloaded: the template, grey- and white-matter maps and brain mask come from the
-nilearn wheel. Each pseudo-participant is the template seen through a person and a scanner:
-
-- a random smooth non-linear deformation (anatomy differs; a few mm),
-- a scalp/skull shell around the brain (t1-linear images are not skull-stripped),
-- a random contrast curve (gamma and tissue-specific offsets; sequences differ),
-- a smooth multiplicative bias field, a scanner gain, and Rician noise.
+nilearn wheel. Each pseudo-participant is a synthetic head of :mod:`scripts.synthetic_heads` (the
+generator of the shipped weights' training data): an anatomy (deformation, ventricles, atrophy,
+skull, scalp, neck, eyes) fixed per participant, and per scan a T1w contrast and an acquisition
+(bias, noise, resolution, ...). Research scans get research-quality acquisitions (1 mm, full field
+of view); clinical scans the full range of nuisances, and motion of their grade before acquisition.
 
 Images are written in t1-linear space (RAS, world box x -84..84, y -119..88, z -78..100 mm; at 1 mm
 this is 169x208x179) as int16 NIfTI in a CAPS-like tree, with a datalist split at participant level.
@@ -23,22 +22,29 @@ import argparse
 import csv
 import functools
 import logging
-import math
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.data import MetaTensor
-from scipy import ndimage, special
 
+from scripts.common.files import write_nifti
+from scripts.common.grid import T1_LINEAR_EXTENT, T1_LINEAR_ORIGIN, t1_linear_grid
 from scripts.datalist import split_participants, write_json_atomic
 from scripts.motion.torchio_motion import torchio_motion
+from scripts.synthetic_heads import (
+    apply_acquisition,
+    apply_bias,
+    paint_head,
+    render_anatomy,
+    sample_acquisition_params,
+    sample_anatomy_params,
+    sample_contrast_params,
+)
 
 __all__ = [
     "T1_LINEAR_ORIGIN",
@@ -53,9 +59,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: world coordinates (mm) of the first voxel of Clinica's t1-linear crop, and its extent (last - first).
-T1_LINEAR_ORIGIN = (-84.0, -119.0, -78.0)
-T1_LINEAR_EXTENT = (168.0, 207.0, 178.0)
 IMAGE_NAME = "{pid}_{sid}_space-MNI152NLin2009cSym_desc-Crop_res-1x1x1_T1w.nii.gz"
 
 #: TorchIO RandomMotion parameters (degrees, translation mm, positions) per clinical severity grade.
@@ -63,41 +66,20 @@ CLINICAL_MOTION: dict[int, tuple[tuple[float, float], tuple[float, float], int]]
     1: ((1.0, 3.0), (1.0, 3.0), 4),
     2: ((5.0, 10.0), (5.0, 10.0), 8),
 }
+#: research scans: no thick slices, no cut field of view, little ringing
+_RESEARCH_ACQUISITION = {
+    "lowres_prob": 0.0,
+    "fov_cut_prob": 0.0,
+    "gibbs_prob": 0.1,
+    "high_noise_prob": 0.0,
+    "zero_background_prob": 0.0,
+}
 
 
-def t1_linear_grid(voxel_size: float = 1.0) -> tuple[tuple[int, int, int], np.ndarray]:
-    """Shape and RAS affine of the t1-linear box sampled every ``voxel_size`` mm (169x208x179 at 1 mm)."""
-    shape = tuple(int(math.floor(e / voxel_size + 1e-6)) + 1 for e in T1_LINEAR_EXTENT)
-    affine = np.diag([voxel_size, voxel_size, voxel_size, 1.0])
-    affine[:3, 3] = T1_LINEAR_ORIGIN
-    return shape, affine  # type: ignore[return-value]
-
-
-@functools.lru_cache(maxsize=1)
-def _template_channels() -> tuple[torch.Tensor, np.ndarray]:
-    """Template-space channels (T1, GM, WM, brain mask, skull, scalp) as a (6, X, Y, Z) tensor, and the affine."""
-    from nilearn import datasets  # heavy import, only when generating
-
-    t1_img = datasets.load_mni152_template(resolution=1)
-    affine = t1_img.affine
-    t1 = np.asarray(t1_img.get_fdata(), dtype=np.float32)
-    gm = np.asarray(datasets.load_mni152_gm_template(resolution=1).get_fdata(), dtype=np.float32)
-    wm = np.asarray(datasets.load_mni152_wm_template(resolution=1).get_fdata(), dtype=np.float32)
-    brain = np.asarray(datasets.load_mni152_brain_mask(resolution=1).get_fdata(), dtype=np.float32) > 0.5
-    # distance (mm) from the brain: skull 3-7 mm, scalp 7-12 mm, soft edges
-    dist = ndimage.distance_transform_edt(~brain).astype(np.float32)
-
-    def band(lo: float, hi: float) -> np.ndarray:
-        return special.expit((dist - lo) * 2.0) * special.expit((hi - dist) * 2.0)
-
-    channels = np.stack([t1, gm, wm, brain.astype(np.float32), band(3.0, 7.0), band(7.0, 12.0)])
-    return torch.from_numpy(channels), affine
-
-
-def _smooth_field(rng: np.random.RandomState, shape: Sequence[int], coarse: Sequence[int], std: float) -> torch.Tensor:
-    """A smooth random field of ``shape``: Gaussian noise on a coarse grid, upsampled trilinearly."""
-    noise = torch.from_numpy(rng.normal(0.0, std, size=(1, 1, *coarse)).astype(np.float32))
-    return F.interpolate(noise, size=tuple(shape), mode="trilinear", align_corners=True)[0, 0]
+@functools.lru_cache(maxsize=2)
+def _anatomy(anatomy_seed: int, voxel_size: float) -> torch.Tensor:
+    """The tissue weights of a participant (cached: sessions of one participant share them)."""
+    return render_anatomy(sample_anatomy_params(np.random.RandomState(anatomy_seed)), voxel_size)
 
 
 def _participant_image(
@@ -105,57 +87,30 @@ def _participant_image(
     voxel_size: float,
     anatomy_seed: int,
     clinical: bool = False,
+    grade: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One pseudo-participant scan in t1-linear space; returns (float32 volume, affine).
 
-    ``anatomy_seed`` fixes the deformation (the person); ``rng`` draws the scanner (contrast, bias,
-    gain, noise), so two sessions of one participant share anatomy but not acquisition.
+    ``anatomy_seed`` fixes the anatomy (the person); ``rng`` draws the scanner (contrast and
+    acquisition), so two sessions of one participant share anatomy but not acquisition. A clinical
+    ``grade`` of 1 or 2 moves the head (:data:`CLINICAL_MOTION`, TorchIO) before the acquisition.
     """
-    channels, t_affine = _template_channels()
-    shape, affine = t1_linear_grid(voxel_size)
-    anat = np.random.RandomState(anatomy_seed)
-    # world coordinates of the output voxels, then a smooth displacement (mm) and a global size change
-    axes = [torch.arange(n, dtype=torch.float32) * voxel_size + o for n, o in zip(shape, T1_LINEAR_ORIGIN)]
-    world = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # X, Y, Z, 3
-    scale = torch.from_numpy(anat.uniform(0.95, 1.05, size=3).astype(np.float32))
-    disp = torch.stack([_smooth_field(anat, shape, (5, 6, 5), 2.5) for _ in range(3)], dim=-1)
-    src = world * scale + disp
-    # world -> template voxel index -> grid_sample's normalised coordinates (last dim ordered z, y, x)
-    t_origin = torch.tensor(t_affine[:3, 3].tolist(), dtype=torch.float32)
-    t_spacing = torch.tensor(np.diag(t_affine)[:3].tolist(), dtype=torch.float32)
-    t_index = (src - t_origin) / t_spacing
-    sizes = torch.tensor(channels.shape[1:], dtype=torch.float32)
-    grid = (2.0 * t_index / (sizes - 1.0) - 1.0).flip(-1)[None]
-    sampled = F.grid_sample(channels[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
-    t1, gm, wm, brain, skull, scalp = sampled
-
-    gamma = rng.uniform(0.7, 1.4) if not clinical else rng.uniform(0.6, 1.6)
-    img = t1.clamp(min=0) ** gamma
-    img = img + float(rng.uniform(-0.06, 0.06)) * gm + float(rng.uniform(-0.06, 0.06)) * wm
-    img = img * brain.clamp(0, 1) + float(rng.uniform(0.02, 0.08)) * skull
-    scalp_texture = 1.0 + _smooth_field(rng, shape, (9, 11, 9), 0.15)
-    img = img + float(rng.uniform(0.6, 0.9)) * scalp * scalp_texture
-    bias_std = 0.12 if not clinical else 0.25
-    img = img * torch.exp(_smooth_field(rng, shape, (3, 3, 3), bias_std))
-    gain = rng.uniform(600.0, 1400.0)
-    sigma = rng.uniform(0.01, 0.03) if not clinical else rng.uniform(0.015, 0.06)
-    real = img + torch.from_numpy(rng.normal(0.0, sigma, size=shape).astype(np.float32))
-    imag = torch.from_numpy(rng.normal(0.0, sigma, size=shape).astype(np.float32))
-    rician = torch.sqrt(real**2 + imag**2) * gain
-    return rician.numpy().astype(np.float32), affine
-
-
-def _write_nifti(volume: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """Write an int16 NIfTI atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = np.clip(np.rint(volume), 0, np.iinfo(np.int16).max).astype(np.int16)
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_xyzt_units("mm")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.nii.gz")
-    nib.save(img, str(tmp))
-    os.replace(tmp, path)
+    _, affine = t1_linear_grid(voxel_size)
+    contrast = sample_contrast_params(rng)
+    acquisition = sample_acquisition_params(rng, None if clinical else _RESEARCH_ACQUISITION)
+    obj, head = paint_head(_anatomy(anatomy_seed, float(voxel_size)), contrast)
+    obj = apply_bias(obj, acquisition)
+    if grade > 0:
+        degrees, translation, nt = CLINICAL_MOTION[grade]
+        moved = torchio_motion(
+            MetaTensor(obj[None], affine=torch.as_tensor(affine)),
+            degrees,
+            translation,
+            nt,
+            seed=int(rng.randint(0, 2**31 - 1)),
+        )
+        obj = torch.as_tensor(moved)[0].abs()
+    return apply_acquisition(obj, head, acquisition, voxel_size).numpy(), affine
 
 
 def _scans(
@@ -193,7 +148,7 @@ def make_research_demo(
     items = []
     for pid, sid, anatomy_seed, scan_rng, rel in _scans(rng, "R", n_participants, two_session_fraction):
         volume, affine = _participant_image(scan_rng, voxel_size, anatomy_seed)
-        _write_nifti(volume, affine, out / rel)
+        write_nifti(volume, affine, out / rel)
         items.append({"image": str(rel), "label": 0, "participant_id": pid, "session_id": sid})
         logger.info("demo: wrote %s", rel)
     datalist = split_participants(items, fractions, seed=seed)
@@ -230,27 +185,24 @@ def make_clinical_demo(
     for pid, sid, anatomy_seed, scan_rng, rel in _scans(rng, "C", n_participants, 0.2):
         grade = int(rng.choice(3, p=grade_probs))
         reject = rng.uniform() < reject_fraction
-        volume, affine = _participant_image(scan_rng, voxel_size, anatomy_seed, clinical=True)
+        volume, affine = _participant_image(scan_rng, voxel_size, anatomy_seed, clinical=True, grade=grade)
         if reject:  # not a T1w: inverted contrast inside the head
             volume = np.where(volume > 0.05 * volume.max(), volume.max() - volume, volume)
-        if grade > 0:
-            degrees, translation, nt = CLINICAL_MOTION[grade]
-            moved = torchio_motion(
-                MetaTensor(torch.from_numpy(volume)[None], affine=torch.as_tensor(affine)),
-                degrees,
-                translation,
-                nt,
-                seed=int(scan_rng.randint(0, 2**31 - 1)),
-            )
-            volume = np.abs(moved.numpy()[0])
-        _write_nifti(volume, affine, out / rel)
+        write_nifti(volume, affine, out / rel)
         if reject:
             r1, r2 = "SR", "SR"
         else:
             r1 = str(_rater_grade(rng, grade, agreement))
             r2 = "" if rng.uniform() < 0.1 else str(_rater_grade(rng, grade, agreement))
         rows.append(
-            {"participant_id": pid, "session_id": sid, "image": str(rel), "rater_1": r1, "rater_2": r2, "true_grade": grade}
+            {
+                "participant_id": pid,
+                "session_id": sid,
+                "image": str(rel),
+                "rater_1": r1,
+                "rater_2": r2,
+                "true_grade": grade,
+            }
         )
         logger.info("clinical demo: wrote %s (grade %d%s)", rel, grade, ", straight reject" if reject else "")
     tsv = out / "ratings.tsv"

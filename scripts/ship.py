@@ -82,7 +82,9 @@ def _inference_parts(bundle_root: Path, spatial_size: Sequence[int] | None) -> t
 
 @torch.no_grad()
 def validation_probabilities(
-    state: Mapping[str, torch.Tensor], items: Sequence[Mapping[str, Any]], bundle_root: Path = _ROOT,
+    state: Mapping[str, torch.Tensor],
+    items: Sequence[Mapping[str, Any]],
+    bundle_root: Path = _ROOT,
     spatial_size: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Motion probabilities of ``items`` (datalist entries) through inference.yaml's preprocessing and network."""
@@ -150,12 +152,16 @@ def ship(
     sha = file_hash(tmp, "sha256")
     os.replace(tmp, target)
     _write_large_files(root, "models/model.pt", sha)
-    record = dict(selection) | {
-        "chosen_on": f"{len(items)} validation images ({int(labels.sum())} moved) of {Path(validation).name}",
-        "validation_metrics": metrics,
-        "model_sha256": sha,
-        "float16_max_probability_difference": gap,
-    } | dict(provenance or {})
+    record = (
+        dict(selection)
+        | {
+            "chosen_on": f"{len(items)} validation images ({int(labels.sum())} moved) of {Path(validation).name}",
+            "validation_metrics": metrics,
+            "model_sha256": sha,
+            "float16_max_probability_difference": gap,
+        }
+        | dict(provenance or {})
+    )
     write_json_atomic(record, models / "threshold.json")
     logger.info("shipped %s (%d bytes, sha256 %s), threshold %.4f", target, size, sha, selection["threshold"])
     return {"path": str(target), "bytes": size, "sha256": sha} | record
@@ -172,8 +178,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     provenance = json.loads(Path(args.provenance).read_text()) if args.provenance else None
-    summary = ship(args.checkpoint, args.validation, key=args.key, method=args.method,
-                   target_specificity=args.target_specificity, provenance=provenance)
+    summary = ship(
+        args.checkpoint,
+        args.validation,
+        key=args.key,
+        method=args.method,
+        target_specificity=args.target_specificity,
+        provenance=provenance,
+    )
     print(json.dumps(summary, indent=2))
 
 

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, RandomizableTransform
 
-from scripts.demo import T1_LINEAR_ORIGIN, t1_linear_grid
+from scripts.common.files import write_nifti
+from scripts.common.grid import T1_LINEAR_ORIGIN, t1_linear_grid
 
 __all__ = [
     "REGIMES",
@@ -205,8 +206,22 @@ def _rotation(degrees: Sequence[float]) -> torch.Tensor:
 
 
 #: Tissue classes of a rendered anatomy, in the order of its weight channels.
-TISSUES = ("background", "muscle", "fat", "skin", "marrow", "bone", "dura", "csf", "sinus_air", "vitreous",
-           "wm", "gm", "sagittal_sinus", "cortical_vessel")
+TISSUES = (
+    "background",
+    "muscle",
+    "fat",
+    "skin",
+    "marrow",
+    "bone",
+    "dura",
+    "csf",
+    "sinus_air",
+    "vitreous",
+    "wm",
+    "gm",
+    "sagittal_sinus",
+    "cortical_vessel",
+)
 
 
 def sample_anatomy_params(rng: np.random.RandomState, regime: str | Mapping[str, Any] = "train") -> dict[str, Any]:
@@ -232,8 +247,11 @@ def sample_anatomy_params(rng: np.random.RandomState, regime: str | Mapping[str,
         "thickness_variation": float(_uniform(rng, r["thickness_variation"])),
         "neck_z": float(_uniform(rng, r["neck_z"])),
         "neck_radii": _uniform(rng, (48.0, 66.0), 2).tolist(),
-        "eye_centre": [float(_uniform(rng, (29.0, 35.0))), float(_uniform(rng, (52.0, 62.0))),
-                       float(_uniform(rng, (-42.0, -32.0)))],
+        "eye_centre": [
+            float(_uniform(rng, (29.0, 35.0))),
+            float(_uniform(rng, (52.0, 62.0))),
+            float(_uniform(rng, (-42.0, -32.0))),
+        ],
         "eye_radius": float(_uniform(rng, (10.5, 12.5))),
     }
 
@@ -260,8 +278,13 @@ def sample_contrast_params(rng: np.random.RandomState, regime: str | Mapping[str
     vessel = float(_uniform(rng, (0.9, 1.5)))
     v["sagittal_sinus"] = vessel if gado else v["dura"]
     v["cortical_vessel"] = vessel if gado else v["csf"]
-    return {"seed": int(rng.randint(0, 2**31 - 1)), "gado": gado, "values": v,
-            "gamma": float(math.exp(rng.normal(0.0, r["gamma_log_sd"]))), "texture_sd": float(_uniform(rng, r["texture_sd"]))}
+    return {
+        "seed": int(rng.randint(0, 2**31 - 1)),
+        "gado": gado,
+        "values": v,
+        "gamma": float(math.exp(rng.normal(0.0, r["gamma_log_sd"]))),
+        "texture_sd": float(_uniform(rng, r["texture_sd"])),
+    }
 
 
 def sample_head_params(rng: np.random.RandomState, regime: str | Mapping[str, Any] = "train") -> dict[str, Any]:
@@ -340,7 +363,9 @@ def render_anatomy(params: Mapping[str, Any], voxel_size: float = 1.0) -> torch.
     grid = F.interpolate(grid, size=covered, mode="trilinear", align_corners=True)
     grid = F.pad(grid, _pad_spec(shape, covered), mode="replicate").permute(0, 2, 3, 4, 1)
     del src, rel, radial, half
-    wm, gm, csf, dist = F.grid_sample(tissues[None], grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
+    wm, gm, csf, dist = F.grid_sample(tissues[None], grid, mode="bilinear", padding_mode="border", align_corners=True)[
+        0
+    ]
     del grid
     if params["atrophy"] > 0:
         loss = gm * (params["atrophy"] * (1.0 + 0.5 * _smooth(gen, shape, coarse)[0])).clamp_(0.0, 1.0)
@@ -364,7 +389,9 @@ def render_anatomy(params: Mapping[str, Any], voxel_size: float = 1.0) -> torch.
     neck = (torch.sqrt((x / rx) ** 2 + ((y + 15.0) / ry) ** 2) - 1.0) * min(rx, ry)
     h = torch.minimum(h, neck.add_(torch.sigmoid((z - params["neck_z"]) / 4.0).mul_(60.0)))
     del neck
-    face = torch.linalg.vector_norm((world - torch.tensor([0.0, 42.0, -48.0])) / torch.tensor([62.0, 48.0, 40.0]), dim=-1)
+    face = torch.linalg.vector_norm(
+        (world - torch.tensor([0.0, 42.0, -48.0])) / torch.tensor([62.0, 48.0, 40.0]), dim=-1
+    )
     h = torch.minimum(h, face.sub_(1.0).mul_(40.0))
     del face
     layers = _Layers()
@@ -391,15 +418,22 @@ def render_anatomy(params: Mapping[str, Any], voxel_size: float = 1.0) -> torch.
         layers.lay("muscle", outside_skull * torch.sigmoid((r_eye + 0.8 - globe) / 0.4))
         layers.lay("vitreous", outside_skull * torch.sigmoid((r_eye - globe) / 0.4))
     del behind, globe
-    sinus = torch.linalg.vector_norm((world - torch.tensor([0.0, 38.0, -40.0])) / torch.tensor([11.0, 20.0, 12.0]), dim=-1)
-    layers.lay("sinus_air", outside_skull * torch.sigmoid((1.0 - sinus) / 0.08) * torch.sigmoid((patches[0] + 1.0) / 0.3))
+    sinus = torch.linalg.vector_norm(
+        (world - torch.tensor([0.0, 38.0, -40.0])) / torch.tensor([11.0, 20.0, 12.0]), dim=-1
+    )
+    layers.lay(
+        "sinus_air", outside_skull * torch.sigmoid((1.0 - sinus) / 0.08) * torch.sigmoid((patches[0] + 1.0) / 0.3)
+    )
     del outside_skull, patches, sinus
     # skull layers and meninges
     layers.lay("bone", _band(dist, b_dura, b_skull, 0.35))
     layers.lay("marrow", _band(dist, b_inner, b_diploe, 0.4))
     layers.lay("dura", _band(dist, b_csf, b_dura, 0.3))
     layers.lay("csf", _band(dist, -0.5, b_csf, 0.3))
-    layers.lay("sagittal_sinus", _band(x, -3.0, 3.0, 0.6) * _band(dist, b_csf - 1.5, b_dura + 1.5, 0.4) * torch.sigmoid(z / 4.0))
+    layers.lay(
+        "sagittal_sinus",
+        _band(x, -3.0, 3.0, 0.6) * _band(dist, b_csf - 1.5, b_dura + 1.5, 0.4) * torch.sigmoid(z / 4.0),
+    )
     del b_csf, b_dura, b_inner, b_diploe, b_skull
     # the brain itself: template tissue fractions, cortical vessels in the sulcal CSF
     inside = torch.sigmoid(-dist / 0.4)
@@ -496,8 +530,12 @@ def apply_acquisition(
         size = list(out.shape)
         low = list(size)
         low[axis] = max(2, int(round(size[axis] / factor)))
-        out = F.interpolate(F.interpolate(out[None, None], size=low, mode="nearest")[0:1], size=size, mode="trilinear",
-                            align_corners=False)[0, 0]
+        out = F.interpolate(
+            F.interpolate(out[None, None], size=low, mode="nearest")[0:1],
+            size=size,
+            mode="trilinear",
+            align_corners=False,
+        )[0, 0]
     if params["gibbs_keep"] < 1.0 or params["ghost_intensity"] > 0:
         axis = params["gibbs_axis"]
         spec = torch.fft.fft(out, dim=axis)
@@ -543,8 +581,12 @@ def sample_motion_params(
         raise ValueError(f"unknown motion simulator {sim!r}; use one of {MOTION_SIMULATORS}")
     lo, hi = float(severity[0]), float(severity[1])
     level = float(math.exp(rng.uniform(math.log(lo), math.log(hi)))) if hi > lo else lo
-    p: dict[str, Any] = {"simulator": sim, "phase_axis": int(rng.randint(0, 3)), "level": level,
-                         "seed": int(rng.randint(0, 2**31 - 1))}
+    p: dict[str, Any] = {
+        "simulator": sim,
+        "phase_axis": int(rng.randint(0, 3)),
+        "level": level,
+        "seed": int(rng.randint(0, 2**31 - 1)),
+    }
     if sim == "torchio":  # TorchIO's own draw: angles and shifts U(-level, level)
         p["num_transforms"] = int(rng.randint(2, 9))
         p["max_rotation"] = p["max_translation"] = level
@@ -571,21 +613,30 @@ def apply_motion(img: torch.Tensor, affine: Any, params: Mapping[str, Any], back
     aff = torch.as_tensor(affine, dtype=torch.float64)
     sim = params["simulator"]
     if sim == "image":
-        out = apply_image_motion(vol, aff, torch.tensor(params["degrees"]), torch.tensor(params["translation"]),
-                                 torch.tensor(params["times"]), phase_axis=params["phase_axis"], output="magnitude",
-                                 backend=backend)
+        out = apply_image_motion(
+            vol,
+            aff,
+            torch.tensor(params["degrees"]),
+            torch.tensor(params["translation"]),
+            torch.tensor(params["times"]),
+            phase_axis=params["phase_axis"],
+            output="magnitude",
+            backend=backend,
+        )
     elif sim == "kspace":
         g = params["level"] / 2.0
-        motion = RandKSpaceMotion(prob=1.0, global_disp=(g, g), global_rot=(g, g), phase_axis=params["phase_axis"],
-                                  backend=backend)
+        motion = RandKSpaceMotion(
+            prob=1.0, global_disp=(g, g), global_rot=(g, g), phase_axis=params["phase_axis"], backend=backend
+        )
         motion.set_random_state(seed=int(params["seed"]))
         out = torch.as_tensor(motion(MetaTensor(vol, affine=aff)))
     else:
         from scripts.motion.torchio_motion import torchio_motion
 
         lvl = float(params["level"])
-        out = torchio_motion(MetaTensor(vol, affine=aff), (-lvl, lvl), (-lvl, lvl), params["num_transforms"],
-                             seed=params["seed"])
+        out = torchio_motion(
+            MetaTensor(vol, affine=aff), (-lvl, lvl), (-lvl, lvl), params["num_transforms"], seed=params["seed"]
+        )
         out = torch.as_tensor(out).abs()
     return out[0].float()
 
@@ -660,8 +711,9 @@ class SyntheticHeadPaird(RandomizableTransform, MapTransform):
         obj = apply_bias(obj, self.acq)
         images = [apply_acquisition(obj, head, self.acq, self.voxel_size)]
         if moved:
-            images.append(apply_acquisition(apply_motion(obj, affine, self.motion, self.backend), head, self.acq,
-                                            self.voxel_size))
+            images.append(
+                apply_acquisition(apply_motion(obj, affine, self.motion, self.backend), head, self.acq, self.voxel_size)
+            )
         return tuple(images)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -755,7 +807,6 @@ def make_synthetic_dataset(
     from pathlib import Path
 
     from scripts.datalist import write_json_atomic
-    from scripts.demo import _write_nifti
 
     out = Path(output_dir)
     datalist = out / "datalist.json"
@@ -768,7 +819,14 @@ def make_synthetic_dataset(
     for i in range(int(n)):
         d = gen({})
         rel = f"sub-S{i:04d}.nii.gz"
-        _write_nifti(d["image"][0].numpy(), affine, out / rel)
-        items.append({"image": rel, "label": int(d["label"]), "participant_id": f"sub-S{i:04d}",
-                      "simulator": gen.motion["simulator"] if d["label"] else "none"} | d["motion"])
+        write_nifti(d["image"][0].numpy(), affine, out / rel)
+        items.append(
+            {
+                "image": rel,
+                "label": int(d["label"]),
+                "participant_id": f"sub-S{i:04d}",
+                "simulator": gen.motion["simulator"] if d["label"] else "none",
+            }
+            | d["motion"]
+        )
     return write_json_atomic({key: items}, datalist)

@@ -128,8 +128,10 @@ def test_motion_simulators_and_severity():
 
 
 def test_unpair_batch_and_prepare_batch():
-    batch = {"image": torch.arange(2 * 2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 2, 3, 4, 5),
-             "label": torch.tensor([[0, 1], [0, 1]])}
+    batch = {
+        "image": torch.arange(2 * 2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 2, 3, 4, 5),
+        "label": torch.tensor([[0, 1], [0, 1]]),
+    }
     flat = sh.unpair_batch(batch)
     assert flat["image"].shape == (4, 1, 3, 4, 5) and flat["label"].tolist() == [0, 1, 0, 1]
     assert torch.equal(flat["image"][1, 0], batch["image"][0, 1])
@@ -147,5 +149,7 @@ def test_make_synthetic_dataset(tmp_path):
     mtime = path.stat().st_mtime_ns
     assert sh.make_synthetic_dataset(tmp_path / "set", n=4, seed=3, key="test", voxel_size=VOXEL) == path
     assert path.stat().st_mtime_ns == mtime  # reused, not rewritten
-    again = sh.make_synthetic_dataset(tmp_path / "again", n=4, seed=3, key="test", voxel_size=VOXEL, backend="grid_sample")
+    again = sh.make_synthetic_dataset(
+        tmp_path / "again", n=4, seed=3, key="test", voxel_size=VOXEL, backend="grid_sample"
+    )
     assert json.loads(again.read_text())["test"] == items

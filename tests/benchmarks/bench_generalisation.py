@@ -68,8 +68,9 @@ def generate(cache_dir: Path, specs: dict[str, dict], voxel_size: float) -> dict
     paths = {}
     for name, spec in specs.items():
         t0 = time.perf_counter()
-        paths[name] = make_synthetic_dataset(cache_dir / f"{name}_vs{voxel_size:g}", key="test", voxel_size=voxel_size,
-                                             **spec)
+        paths[name] = make_synthetic_dataset(
+            cache_dir / f"{name}_vs{voxel_size:g}", key="test", voxel_size=voxel_size, **spec
+        )
         print(f"  {name}: {time.perf_counter() - t0:.0f} s", flush=True)
     return paths
 
@@ -92,7 +93,9 @@ def _fmt(v: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt", default=str(ROOT / "models" / "model.pt"))
-    parser.add_argument("--threshold", default=None, help="number or threshold.json (default: models/threshold.json, else 0.5)")
+    parser.add_argument(
+        "--threshold", default=None, help="number or threshold.json (default: models/threshold.json, else 0.5)"
+    )
     parser.add_argument("--n", type=int, default=32, help="images per main set (half moved)")
     parser.add_argument("--n_small", type=int, default=8, help="images per severity level and per nuisance")
     parser.add_argument("--voxel_size", type=float, default=1.0)
@@ -134,27 +137,54 @@ def main(argv: list[str] | None = None) -> int:
         y = np.asarray([int(it["label"]) for it in items])
         m = binary_metrics(y, p, threshold)
         rate = float((p >= threshold).mean())
-        rows.append({"set": name, "n": int(y.size), "n_motion": int(y.sum()), "ba": m.balanced_accuracy, "auc": m.roc_auc,
-                     "sensitivity": m.sensitivity, "specificity": m.specificity, "flagged": rate,
-                     "mean_prob": float(p.mean()), "seconds": time.perf_counter() - t0})
+        rows.append(
+            {
+                "set": name,
+                "n": int(y.size),
+                "n_motion": int(y.sum()),
+                "ba": m.balanced_accuracy,
+                "auc": m.roc_auc,
+                "sensitivity": m.sensitivity,
+                "specificity": m.specificity,
+                "flagged": rate,
+                "mean_prob": float(p.mean()),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         if name in MAIN_SETS:
             pooled_y.append(y)
             pooled_p.append(p)
     y, p = np.concatenate(pooled_y), np.concatenate(pooled_p)
     m = binary_metrics(y, p, threshold)
-    rows.insert(0, {"set": "overall (4 main sets)", "n": int(y.size), "n_motion": int(y.sum()), "ba": m.balanced_accuracy,
-                    "auc": m.roc_auc, "sensitivity": m.sensitivity, "specificity": m.specificity,
-                    "flagged": float((p >= threshold).mean()), "mean_prob": float(p.mean()), "seconds": 0.0})
+    rows.insert(
+        0,
+        {
+            "set": "overall (4 main sets)",
+            "n": int(y.size),
+            "n_motion": int(y.sum()),
+            "ba": m.balanced_accuracy,
+            "auc": m.roc_auc,
+            "sensitivity": m.sensitivity,
+            "specificity": m.specificity,
+            "flagged": float((p >= threshold).mean()),
+            "mean_prob": float(p.mean()),
+            "seconds": 0.0,
+        },
+    )
     print(f"\ncheckpoint {args.ckpt}, threshold {threshold:g}, voxel size {args.voxel_size:g} mm")
     print("| set | n (motion) | BA | AUC | sensitivity | specificity | flagged as motion |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['set']} | {r['n']} ({r['n_motion']}) | {_fmt(r['ba'])} | {_fmt(r['auc'])} | {_fmt(r['sensitivity'])} "
-              f"| {_fmt(r['specificity'])} | {r['flagged']:.3f} |")
+        print(
+            f"| {r['set']} | {r['n']} ({r['n_motion']}) | {_fmt(r['ba'])} | {_fmt(r['auc'])} | {_fmt(r['sensitivity'])} "
+            f"| {_fmt(r['specificity'])} | {r['flagged']:.3f} |"
+        )
     goals = rows[0]["ba"] >= 0.95 and rows[0]["auc"] >= 0.98
     worst_fp = max(r["flagged"] for r in rows if r["set"].startswith("nuisance_"))
-    print(f"\ngoal BA >= 0.95 and AUC >= 0.98 overall: {'met' if goals else 'NOT met'}; "
-          f"worst nuisance false-positive rate {worst_fp:.3f} (goal <= 0.05: {'met' if worst_fp <= 0.05 else 'NOT met'})")
+    print(
+        f"\ngoal BA >= 0.95 and AUC >= 0.98 overall: {'met' if goals else 'NOT met'}; "
+        f"worst nuisance false-positive rate {worst_fp:.3f} (goal <= 0.05: {'met' if worst_fp <= 0.05 else 'NOT met'})"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps({"ckpt": args.ckpt, "threshold": threshold, "rows": rows}, indent=2))
     return 0

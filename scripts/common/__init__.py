@@ -1,0 +1,1 @@
+"""The bottom layer of the bundle's scripts: small shared helpers that import nothing from above."""
