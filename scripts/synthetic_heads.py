@@ -770,21 +770,47 @@ def unpair_batch(batch: Mapping[str, Any], keys: Sequence[str] = ("image", "labe
 
 
 class PairedPrepareBatch:
-    """``prepare_batch`` for MONAI engines fed with pairs: flattens them (:func:`unpair_batch`), moves
-    the images to the device as plain tensors in ``memory_format`` (channels-last 3D is fastest for
-    Conv3d on CPU)."""
+    """``prepare_batch`` for MONAI engines fed with pairs: images to the device as plain tensors in
+    ``memory_format`` (channels-last 3D is fastest for Conv3d on CPU).
 
-    def __init__(self, memory_format: torch.memory_format = torch.contiguous_format) -> None:
+    BatchNorm must not see the clean and the moved image of one head in the same forward pass: the
+    batch statistics would let the network compare the two (training loss near zero, validation in
+    eval mode no better than chance; measured). With ``split_pairs`` (default) each pair is split
+    across consecutive calls: a call returns, for every pair of its batch, one of its two images
+    (chosen at random) together with the images held back from the previous call, whose pairs are
+    other heads. Every image is still used once, and a forward pass mixes labels at random. The first
+    call of a run has nothing held back and returns its batch as it is.
+    """
+
+    def __init__(
+        self, memory_format: torch.memory_format = torch.contiguous_format, split_pairs: bool = True, seed: int = 0
+    ) -> None:
         self.memory_format = memory_format
+        self.split_pairs = split_pairs
+        self.rng = np.random.RandomState(seed)
+        self._held: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, batchdata: Mapping[str, Any], device: Any = None, non_blocking: bool = False, **kwargs: Any):
-        flat = unpair_batch(batchdata)
-        image = flat["image"]
+        image = batchdata["image"]
         if isinstance(image, MetaTensor):  # metadata on every op of the step costs ~45 % on CPU
             image = image.as_tensor()
-        image = torch.as_tensor(image).to(device=device, non_blocking=non_blocking)
-        label = flat["label"].to(device=device, non_blocking=non_blocking)
-        return image.contiguous(memory_format=self.memory_format), label
+        image = torch.as_tensor(image)
+        label = torch.as_tensor(batchdata["label"])
+        if not self.split_pairs or self._held is None:
+            flat = unpair_batch({"image": image, "label": label})
+            x, y = flat["image"], flat["label"]
+            if self.split_pairs:  # hold back nothing yet; from the next call on, pairs are split
+                self._held = (x[:0], y[:0])
+        else:
+            pick = torch.as_tensor(self.rng.randint(0, 2, size=image.shape[0]))
+            rows = torch.arange(image.shape[0])
+            now_x, now_y = image[rows, pick][:, None], label[rows, pick]
+            later_x, later_y = image[rows, 1 - pick][:, None], label[rows, 1 - pick]
+            x = torch.cat([self._held[0], now_x])
+            y = torch.cat([self._held[1], now_y])
+            self._held = (later_x.clone(), later_y.clone())
+        x = x.to(device=device, non_blocking=non_blocking).contiguous(memory_format=self.memory_format)
+        return x, y.to(device=device, non_blocking=non_blocking)
 
 
 def make_synthetic_dataset(
