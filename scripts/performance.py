@@ -10,7 +10,6 @@ lets oneDNN use its blocked convolution kernels.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import sys
 from typing import Any
@@ -39,7 +38,8 @@ def tune_allocator(enable: bool = True) -> bool:
     if _tuned:
         return True
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # the running process's own symbols: no library search (find_library forks a process to run ldconfig)
+        libc = ctypes.CDLL(None)
         ok = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):  # not glibc (musl, ...)
         ok = False

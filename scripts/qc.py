@@ -817,8 +817,11 @@ class QCJob:
 
     # -- inference -----------------------------------------------------------------------------
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        """A (B, C, X, Y, Z) batch on the network's device, in channels-last 3D memory when enabled."""
-        x = x.to(self.device)
+        """A (B, C, X, Y, Z) batch on the network's device as a plain tensor (a MetaTensor's metadata would
+        be carried through every operation), in channels-last 3D memory when enabled."""
+        from monai.data import MetaTensor
+
+        x = (x.as_tensor() if isinstance(x, MetaTensor) else x).to(self.device)
         return x.contiguous(memory_format=performance.CHANNELS_LAST) if self.channels_last and x.ndim == 5 else x
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -366,3 +366,17 @@ def test_channels_last_scoring_equals_contiguous_scoring_with_gradcam(tmp_path):
     assert prob_fast == pytest.approx(prob_plain, abs=1e-5)
     assert float(np.max(map_plain)) > 0
     np.testing.assert_allclose(map_fast, map_plain, atol=1e-4)
+
+
+@pytest.mark.parametrize("enable", [True, False])
+def test_allocator_is_tuned_once_per_run(small_demo, tmp_path, monkeypatch, enable):
+    from scripts import performance
+
+    calls = []
+    monkeypatch.setattr(performance, "tune_allocator", lambda enable=True: calls.append(enable) or False)
+    net = save_small_model(tmp_path / "m.pt", seed=3)
+    job = QCJob(input=[str(s) for s in _demo_scans(small_demo)[:3]], network=net, output_dir=tmp_path / "out",
+                loader=ScanLoader(SMALL_SHAPE), num_workers=0, saliency="none", thumbnails=False, report=False,
+                progress=False, tune_allocator=enable)
+    assert job.run() == {"ok": 3}
+    assert calls == [enable]

@@ -153,3 +153,26 @@ def test_make_synthetic_dataset(tmp_path):
         tmp_path / "again", n=4, seed=3, key="test", voxel_size=VOXEL, backend="grid_sample"
     )
     assert json.loads(again.read_text())["test"] == items
+
+
+def test_prepare_batch_never_puts_both_images_of_a_pair_in_one_pass():
+    """BatchNorm must not compare a head's clean and moved image: pairs are split across passes."""
+    pb = sh.PairedPrepareBatch(torch.channels_last_3d, seed=0)
+    seen = []
+    for t in range(20):
+        # pair t of head t: clean = 10 t, moved = 10 t + 1 (one pair per call, as in configs/pretrain.yaml)
+        img = torch.stack([torch.full((1, 2, 2, 2), 10.0 * t), torch.full((1, 2, 2, 2), 10.0 * t + 1)], 1)
+        x, y = pb({"image": img, "label": torch.tensor([[0, 1]])}, torch.device("cpu"))
+        heads = (x[:, 0, 0, 0, 0] // 10).tolist()
+        if t > 0:
+            assert len(heads) == len(set(heads)), f"call {t}: one head twice in a pass"
+        assert torch.equal(y, (x[:, 0, 0, 0, 0] % 10).long())  # labels follow their images
+        seen += x[:, 0, 0, 0, 0].tolist()
+    assert sorted(seen) == sorted({v for v in seen}) and len(seen) == 2 * 20 - 1  # each image once (last held)
+    labels_per_pass = set()
+    pb2 = sh.PairedPrepareBatch(seed=1)
+    for t in range(20):
+        img = torch.stack([torch.zeros(1, 2, 2, 2), torch.ones(1, 2, 2, 2)], 1)
+        _, y = pb2({"image": img, "label": torch.tensor([[0, 1]])})
+        labels_per_pass.add(tuple(sorted(y.tolist())))
+    assert {(0, 0), (1, 1), (0, 1)} <= labels_per_pass  # the label mix of a pass is random

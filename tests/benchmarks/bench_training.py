@@ -13,8 +13,9 @@ settings (the allocator) and caches (torch.compile) do not leak from one row to 
 - ``bundle``: ``SupervisedTrainer`` of configs/train.yaml as it is (CacheDataset of ``--n`` demo
   images from :mod:`scripts.demo`, synthetic motion in the DataLoader workers, ``num_workers`` and
   micro-batches of the config); validation is switched off (``val_interval`` beyond the last epoch):
-  the rows time training epochs only. Then the same with the overrides of :data:`FAST_PATH`, with
-  persistent DataLoader workers (:data:`PERSISTENT_WORKERS`) and with ``train#trainer#compile``.
+  the rows time training epochs only. Then the same with plain-tensor batches (:data:`PLAIN_TENSORS`),
+  with the overrides of :data:`FAST_PATH` (plain tensors, channels-last, allocator), with persistent
+  DataLoader workers (:data:`PERSISTENT_WORKERS`) and with ``train#trainer#compile``.
 
 Every row runs one warm-up epoch (first-call costs: oneDNN kernel selection, torch.compile, worker
 start) and then ``--repeats`` timed epochs; ``s/image`` is the median timed epoch divided by the
@@ -45,7 +46,14 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
-#: overrides that put configs/train.yaml on the CPU fast path (docs/performance.md)
+_PREPARE_BATCH = {"_target_": "scripts.performance.ChannelsLastPrepareBatch", "as_tensor": True}
+#: batches reach the network as plain tensors, not MetaTensors (MONAI's metadata handling on every op of the step)
+PLAIN_TENSORS: dict[str, Any] = {
+    "train#trainer#prepare_batch": {**_PREPARE_BATCH, "enable": False},
+    "validate#evaluator#prepare_batch": {**_PREPARE_BATCH, "enable": False},
+}
+#: overrides that put configs/train.yaml on the CPU fast path (docs/performance.md): plain tensors,
+#: channels-last 3D network and batches, allocator tuning
 FAST_PATH: dict[str, Any] = {
     "channels_last": True,
     "tune_allocator": True,
@@ -54,14 +62,8 @@ FAST_PATH: dict[str, Any] = {
         "module": "$@network_def.to(@device)",
         "enable": "@channels_last",
     },
-    "train#trainer#prepare_batch": {
-        "_target_": "scripts.performance.ChannelsLastPrepareBatch",
-        "enable": "@channels_last",
-    },
-    "validate#evaluator#prepare_batch": {
-        "_target_": "scripts.performance.ChannelsLastPrepareBatch",
-        "enable": "@channels_last",
-    },
+    "train#trainer#prepare_batch": {**_PREPARE_BATCH, "enable": "@channels_last"},
+    "validate#evaluator#prepare_batch": {**_PREPARE_BATCH, "enable": "@channels_last"},
     "initialize": [
         "$monai.utils.set_determinism(seed=@seed)",
         {"_target_": "scripts.performance.tune_allocator", "enable": "@tune_allocator"},
@@ -69,15 +71,8 @@ FAST_PATH: dict[str, Any] = {
 }
 #: DataLoader workers kept across epochs (configs/train.yaml starts new ones every epoch)
 PERSISTENT_WORKERS: dict[str, Any] = {"train#dataloader#persistent_workers": "$@num_workers > 0"}
-#: MONAI's SupervisedTrainer compiles the network with torch.compile (on top of FAST_PATH: plain-tensor batches)
-COMPILE: dict[str, Any] = {
-    "train#trainer#compile": True,
-    "train#trainer#prepare_batch": {
-        "_target_": "scripts.performance.ChannelsLastPrepareBatch",
-        "enable": "@channels_last",
-        "as_tensor": True,
-    },
-}
+#: MONAI's SupervisedTrainer compiles the network with torch.compile (needs the plain tensors of FAST_PATH)
+COMPILE: dict[str, Any] = {"train#trainer#compile": True}
 
 ROWS: list[tuple[str, str, dict[str, bool]]] = [
     ("reference: eager PyTorch", "reference", {}),
@@ -89,6 +84,7 @@ ROWS: list[tuple[str, str, dict[str, bool]]] = [
         {"allocator": True, "channels_last": True, "compile": True},
     ),
     ("bundle: train.yaml", "bundle", {"profile": True}),
+    ("bundle + plain tensors", "bundle", {"plain_tensors": True, "profile": True}),
     ("bundle + fast path", "bundle", {"fast": True, "profile": True}),
     ("bundle + fast path + persistent workers", "bundle", {"fast": True, "persistent": True, "profile": True}),
     (
@@ -222,6 +218,7 @@ def _bundle(args: argparse.Namespace, opts: dict[str, bool]) -> dict[str, Any]:
         }
     )
     for overrides, on in (
+        (PLAIN_TENSORS, opts.get("plain_tensors")),
         (FAST_PATH, opts.get("fast")),
         (PERSISTENT_WORKERS, opts.get("persistent")),
         (COMPILE, opts.get("compile")),

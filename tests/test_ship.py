@@ -1,0 +1,103 @@
+"""Tests of scripts/ship.py and of the shipped weights in models/ (hash, float16, threshold, QC decisions)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import BUNDLE_ROOT, SMALL_SHAPE, SMALL_VOXEL
+from scripts import ship
+from scripts.datalist import load_datalist
+from scripts.integrity import WeightIntegrityError, file_hash, verify_file
+from scripts.networks import Conv5FC3
+from scripts.synthetic_heads import make_synthetic_dataset
+
+SHIPPED = BUNDLE_ROOT / "models" / "model.pt"
+
+
+def test_to_half_keeps_integers_and_refuses_overflow():
+    state = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3, dtype=torch.long)}
+    half = ship.to_half(state)
+    assert half["w"].dtype == torch.float16 and half["n"].dtype == torch.long
+    with pytest.raises(ValueError, match="float16"):
+        ship.to_half({"w": torch.tensor([1e6])})
+
+
+def test_ship_a_small_model(tmp_path):
+    root = tmp_path / "bundle"
+    shutil.copytree(BUNDLE_ROOT / "configs", root / "configs")
+    torch.manual_seed(0)
+    net = Conv5FC3(input_size=SMALL_SHAPE)
+    ckpt = tmp_path / "last.pt"
+    torch.save({"model": net.state_dict(), "optimizer": {}}, ckpt)
+    val = make_synthetic_dataset(tmp_path / "val", n=6, seed=11, voxel_size=SMALL_VOXEL, backend="grid_sample")
+    items = load_datalist(val, "validation")
+    if len({it["label"] for it in items}) < 2:
+        pytest.skip("the draw gave one class only")
+    summary = ship.ship(ckpt, val, bundle_root=root, spatial_size=SMALL_SHAPE, provenance={"steps": 0})
+    weights = root / "models" / "model.pt"
+    state = torch.load(weights, weights_only=True)
+    assert all(v.dtype == torch.float16 for k, v in state.items() if v.is_floating_point())
+    assert summary["sha256"] == file_hash(weights) and verify_file(weights, root)
+    entry = yaml.safe_load((root / "large_files.yml").read_text())["large_files"][0]
+    assert entry == {"path": "models/model.pt", "hash_val": summary["sha256"], "hash_type": "sha256"}
+    record = json.loads((root / "models" / "threshold.json").read_text())
+    assert 0.0 <= record["threshold"] <= 1.0 and record["steps"] == 0
+    assert record["float16_max_probability_difference"] <= 1e-3
+    # loads into a float32 network, predictions equal to the float32 weights within 1e-3
+    p32 = ship.validation_probabilities(net.state_dict(), items, root, SMALL_SHAPE)
+    p16 = ship.validation_probabilities(state, items, root, SMALL_SHAPE)
+    assert abs(p32 - p16).max() <= 1e-3
+    weights.write_bytes(weights.read_bytes()[:-10] + b"0" * 10)  # tampered: refused
+    with pytest.raises(WeightIntegrityError):
+        verify_file(weights, root)
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="no shipped weights in models/")
+def test_shipped_weights_hash_size_and_keys():
+    assert SHIPPED.stat().st_size <= ship.MAX_BYTES
+    assert verify_file(SHIPPED, BUNDLE_ROOT)  # large_files.yml publishes its sha256, and it matches
+    state = torch.load(SHIPPED, map_location="cpu", weights_only=True)
+    net = Conv5FC3()
+    net.load_state_dict(state)  # float16 copied into the float32 parameters
+    assert next(net.parameters()).dtype == torch.float32
+    assert state["fc.6.weight"].dtype == torch.float16
+    threshold = json.loads((BUNDLE_ROOT / "models" / "threshold.json").read_text())
+    assert threshold["model_sha256"] == file_hash(SHIPPED)
+    assert 0.0 < threshold["threshold"] < 1.0
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="no shipped weights in models/")
+def test_qc_job_on_demo_scans_with_the_shipped_model(tmp_path):
+    """Out of the box: clean, mildly and severely moved demo scans (1 mm) through the QC job."""
+    from scripts.demo import make_clinical_demo
+
+    tsv = make_clinical_demo(tmp_path / "demo", n_participants=6, seed=4, voxel_size=1.0, reject_fraction=0.0,
+                             grade_probs=(0.34, 0.33, 0.33))
+    with tsv.open() as f:
+        truth = {str((tmp_path / "demo" / r["image"]).resolve()): int(r["true_grade"])
+                 for r in csv.DictReader(f, delimiter="\t")}
+    assert set(truth.values()) == {0, 1, 2}
+    out = tmp_path / "qc"
+    subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
+                    "--input", str(tmp_path / "demo"), "--output_dir", str(out), "--num_workers", "0",
+                    "--thumbnails", "false"], cwd=BUNDLE_ROOT, check=True, capture_output=True, timeout=900)
+    with (out / "qc.tsv").open() as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert len(rows) == len(truth)
+    by_grade: dict[int, list[dict]] = {0: [], 1: [], 2: []}
+    for r in rows:
+        assert r["status"] in ("ok", "warning"), r
+        by_grade[truth[str(Path(r["path"]).resolve())]].append(r)
+    assert all(r["decision"] == "no_motion" for r in by_grade[0]), by_grade[0]
+    assert all(r["decision"] == "motion" for r in by_grade[2]), by_grade[2]
+    prob = {g: [float(r["prob_motion"]) for r in rs] for g, rs in by_grade.items()}
+    assert min(prob[1]) > max(prob[0])  # mild motion ranks above every clean scan
