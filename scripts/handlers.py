@@ -16,7 +16,14 @@ from scripts.datalist import write_json_atomic
 from scripts.metrics import binary_metrics, evaluation_statistics, save_roc_plot, write_threshold
 from scripts.transforms import image_source
 
-__all__ = ["stack_output", "PredictionWriter", "EvaluationWriter", "write_csv_atomic", "TrainingCheckpoint", "LearningCurve"]
+__all__ = [
+    "stack_output",
+    "PredictionWriter",
+    "EvaluationWriter",
+    "write_csv_atomic",
+    "TrainingCheckpoint",
+    "LearningCurve",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -191,17 +198,31 @@ class EvaluationWriter(PredictionWriter):
             return
         labels = [r["label"] for r in self.rows]
         probs = [float(r["prob_motion"]) for r in self.rows]
-        groups = [r["participant_id"] or r["image"] for r in self.rows] if self.bootstrap_unit == "participant" else None
+        groups = (
+            [r["participant_id"] or r["image"] for r in self.rows] if self.bootstrap_unit == "participant" else None
+        )
         statistics = evaluation_statistics(
-            labels, probs, self.threshold, self.n_bootstrap, self.confidence, self.seed, groups,
-            self.ece_bins, self.threshold_method, self.target_specificity,
+            labels,
+            probs,
+            self.threshold,
+            self.n_bootstrap,
+            self.confidence,
+            self.seed,
+            groups,
+            self.ece_bins,
+            self.threshold_method,
+            self.target_specificity,
         )
         write_json_atomic(statistics, self.output_dir / "statistics.json")
         if statistics["threshold_selection"] is not None:
             write_threshold(statistics["threshold_selection"], self.output_dir / "threshold.json")
         roc = save_roc_plot(labels, probs, self.output_dir / "roc.png", threshold=self.threshold)
-        logger.info("statistics (bootstrap CIs, ECE %.3f, threshold choice) written to %s%s", statistics["ece"],
-                    self.output_dir, "" if roc else " (no ROC plot: one class only)")
+        logger.info(
+            "statistics (bootstrap CIs, ECE %.3f, threshold choice) written to %s%s",
+            statistics["ece"],
+            self.output_dir,
+            "" if roc else " (no ROC plot: one class only)",
+        )
 
 
 class TrainingCheckpoint:
@@ -211,7 +232,8 @@ class TrainingCheckpoint:
     network, optimizer, scheduler). The file is written atomically (temporary file, then rename), so
     a run killed at any moment leaves the previous checkpoint intact; a restart with the same config
     continues from the saved iteration. After a load, torch's global seed is moved on by the
-    iteration count so that a resumed run does not replay the random draws of the first one.
+    iteration count so that a resumed run does not replay the random draws of the first one, and
+    the optimizer keeps the learning rates of the current config (a restart can change them).
 
     Args:
         path: checkpoint file (e.g. ``runs/pretrain/last.pt``).
@@ -254,6 +276,11 @@ class TrainingCheckpoint:
                 max_epochs = obj.state.max_epochs
                 obj.load_state_dict(state[name])
                 obj.state.max_epochs = max_epochs
+            elif isinstance(obj, torch.optim.Optimizer):  # the config's learning rates win over the saved ones
+                rates = [group["lr"] for group in obj.param_groups]
+                obj.load_state_dict(state[name])
+                for group, lr in zip(obj.param_groups, rates):
+                    group["lr"] = lr
             else:
                 obj.load_state_dict(state[name])
         iteration = int(state.get("trainer", {}).get("iteration", 0))
@@ -315,6 +342,9 @@ class LearningCurve:
     def _on_validation(self, engine: Engine) -> None:
         it = self._trainer.state.iteration if self._trainer else 0
         ep = self._trainer.state.epoch if self._trainer else 0
-        rows = [(it, ep, "validation", k, f"{float(v):.5f}") for k, v in engine.state.metrics.items()
-                if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)]
+        rows = [
+            (it, ep, "validation", k, f"{float(v):.5f}")
+            for k, v in engine.state.metrics.items()
+            if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)
+        ]
         self._append(rows)
