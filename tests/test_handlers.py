@@ -1,14 +1,14 @@
-"""Tests of scripts.handlers: output stacking for ignite metrics and the prediction writer."""
+"""Tests of scripts.handlers: output stacking, the prediction writer, resumable checkpoints, the learning curve."""
 
 import csv
 import json
 
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 
-from scripts.handlers import PredictionWriter, stack_output
+from scripts.handlers import LearningCurve, PredictionWriter, TrainingCheckpoint, stack_output
 
 
 def test_stack_output_batches_decollated_items():
@@ -58,3 +58,72 @@ def test_prediction_writer_without_labels(tmp_path):
         rows = list(csv.DictReader(f))
     assert rows == [{"image": "a.nii", "participant_id": "a.n", "session_id": "", "prob_motion": "0.900000", "prediction": "0"}]
     assert not (tmp_path / "metrics.json").exists()
+
+
+def _trainer(net, opt, data_seed=0):
+    def step(engine, batch):
+        opt.zero_grad()
+        loss = net(batch).pow(2).mean()
+        loss.backward()
+        opt.step()
+        return {"loss": loss.detach()}
+
+    return Engine(step)
+
+
+def test_training_checkpoint_resumes_where_it_stopped(tmp_path):
+    data = [torch.randn(2, 3) for _ in range(5)]
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    trainer = _trainer(net, opt)
+    ckpt = TrainingCheckpoint(tmp_path / "last.pt", {"trainer": trainer, "model": net, "optimizer": opt}, interval=2)
+    ckpt.attach(trainer)
+    trainer.run(data, max_epochs=2)
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert saved["trainer"]["iteration"] == 10 and not list(tmp_path.glob(".last.pt.tmp*"))
+    # a new process: fresh objects, a longer run and another learning rate
+    net2 = torch.nn.Linear(3, 1)
+    opt2 = torch.optim.Adam(net2.parameters(), lr=0.01)
+    trainer2 = _trainer(net2, opt2)
+    seen = []
+    trainer2.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(e.state.iteration))
+    ckpt2 = TrainingCheckpoint(tmp_path / "last.pt", {"trainer": trainer2, "model": net2, "optimizer": opt2}, interval=2)
+    ckpt2.attach(trainer2)
+    trainer2.run(data, max_epochs=3)
+    assert seen == [11, 12, 13, 14, 15]  # only the third epoch ran
+    assert opt2.param_groups[0]["lr"] == 0.01  # the config's learning rate wins
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["trainer"]["iteration"] == 15
+
+
+def test_training_checkpoint_refuses_a_checkpoint_missing_objects(tmp_path):
+    net = torch.nn.Linear(3, 1)
+    torch.save({"model": net.state_dict()}, tmp_path / "last.pt")
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="lacks"):
+        TrainingCheckpoint(tmp_path / "last.pt", {"model": net, "optimizer": opt}).load()
+    with pytest.raises(ValueError):
+        TrainingCheckpoint(tmp_path / "x.pt", {}, interval=0)
+
+
+def test_learning_curve_rows(tmp_path):
+    net = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    trainer = _trainer(net, opt)
+    curve = LearningCurve(tmp_path / "curve.tsv", every=2)
+    curve.attach(trainer)
+    validator = Engine(lambda e, b: None)
+    curve.for_validator().attach(validator)
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _validate(engine):
+        validator.run([0], max_epochs=1)
+        validator.state.metrics = {"val_auc": 0.75}
+        validator.fire_event(Events.EPOCH_COMPLETED)
+
+    trainer.run([torch.randn(2, 3) for _ in range(4)], max_epochs=1)
+    rows = [line.split("\t") for line in (tmp_path / "curve.tsv").read_text().splitlines()]
+    assert rows[0] == ["time", "iteration", "epoch", "split", "name", "value"]
+    train = [r for r in rows[1:] if r[3] == "train"]
+    assert [r[1] for r in train] == ["2", "4"] and all(float(r[5]) >= 0 for r in train)
+    assert ["4", "1", "validation", "val_auc", "0.75000"] in [r[1:] for r in rows[1:]]
