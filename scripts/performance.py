@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["tune_allocator", "channels_last", "CHANNELS_LAST", "ChannelsLastPrepareBatch"]
+__all__ = ["tune_allocator", "restore_allocator", "worker_init", "channels_last", "CHANNELS_LAST", "ChannelsLastPrepareBatch"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,32 @@ def tune_allocator(enable: bool = True) -> bool:
     _tuned = ok
     logger.info("allocator tuning %s", "on" if ok else "unavailable")
     return ok
+
+
+def restore_allocator() -> bool:
+    """Undo :func:`tune_allocator` in this process (glibc's defaults: large blocks from ``mmap``, trimming).
+
+    For DataLoader workers forked from a tuned process: they inherit the setting, and a worker that
+    renders large temporaries would otherwise keep its peak memory for good. Returns True when done.
+    """
+    global _tuned
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        ok = bool(libc.mallopt(_M_MMAP_MAX, 65536)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024))
+    except (OSError, AttributeError):
+        return False
+    _tuned = False
+    return ok
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: MONAI's per-worker seeding, then glibc's default allocator."""
+    from monai.data.utils import worker_init_fn
+
+    worker_init_fn(worker_id)
+    restore_allocator()
 
 
 def channels_last(module: torch.nn.Module, enable: bool = True) -> Any:

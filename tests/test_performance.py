@@ -119,3 +119,16 @@ def test_channels_last_prepare_batch_leaves_other_ranks_alone():
     image = torch.randn(2, 3, 8, 8)  # 2D images: channels-last 3D does not apply
     out_image, _ = ChannelsLastPrepareBatch()({"image": image, "label": torch.tensor([0, 1])})
     assert out_image.is_contiguous() and torch.equal(out_image, image)
+
+
+def test_restore_allocator_and_worker_init_never_raise(monkeypatch):
+    import monai.data.utils
+
+    from scripts import performance
+
+    seeded = []
+    monkeypatch.setattr(monai.data.utils, "worker_init_fn", lambda worker_id: seeded.append(worker_id))
+    assert isinstance(performance.restore_allocator(), bool)
+    performance.worker_init(3)
+    assert seeded == [3]  # MONAI's per-worker seeding still runs
+    assert performance.tune_allocator() in (True, False)  # can be tuned again after a restore

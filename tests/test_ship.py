@@ -101,3 +101,23 @@ def test_qc_job_on_demo_scans_with_the_shipped_model(tmp_path):
     assert all(r["decision"] == "motion" for r in by_grade[2]), by_grade[2]
     prob = {g: [float(r["prob_motion"]) for r in rs] for g, rs in by_grade.items()}
     assert min(prob[1]) > max(prob[0])  # mild motion ranks above every clean scan
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="no shipped weights in models/")
+def test_shipped_model_passes_the_zoo_checks(tmp_path):
+    """What the model zoo's verify_bundle does with models/model.pt: required files, TorchScript export."""
+    from monai.bundle import ckpt_export
+
+    for required in ("configs/metadata.json", "configs/inference.yaml", "models/model.pt", "LICENSE",
+                     "docs/README.md", "docs/data_license.txt", "large_files.yml"):
+        assert (BUNDLE_ROOT / required).is_file(), required
+    ts = tmp_path / "verify_model.ts"
+    ckpt_export(net_id="network_def", filepath=str(ts), ckpt_file=str(SHIPPED),
+                meta_file=str(BUNDLE_ROOT / "configs" / "metadata.json"),
+                config_file=str(BUNDLE_ROOT / "configs" / "inference.yaml"), bundle_root=str(BUNDLE_ROOT))
+    scripted = torch.jit.load(str(ts))
+    net = Conv5FC3()
+    net.load_state_dict(torch.load(SHIPPED, map_location="cpu", weights_only=True))
+    x = torch.randn(1, 1, 169, 208, 179)
+    with torch.no_grad():
+        assert torch.allclose(torch.softmax(scripted(x), 1), torch.softmax(net.eval()(x), 1), atol=1e-5)
