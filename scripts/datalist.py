@@ -80,9 +80,7 @@ def load_datalist(path: str | os.PathLike, key: str = "training") -> list[dict[s
 
 
 def split_participants(
-    items: Sequence[Mapping[str, Any]],
-    fractions: Sequence[float] = (0.6, 0.2, 0.2),
-    seed: int = 0,
+    items: Sequence[Mapping[str, Any]], fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0
 ) -> dict[str, list[dict[str, Any]]]:
     """Split items into training/validation/test at the participant level.
 
@@ -110,7 +108,9 @@ def split_participants(
         raise ValueError(f"{n} participants are too few for the fractions {tuple(fractions)}.")
     assignment = {}
     for rank, idx in enumerate(order):
-        assignment[participants[idx]] = SPLITS[0] if rank < n_train else SPLITS[1] if rank < n_train + n_val else SPLITS[2]
+        assignment[participants[idx]] = (
+            SPLITS[0] if rank < n_train else SPLITS[1] if rank < n_train + n_val else SPLITS[2]
+        )
     out: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     for it in items:
         out[assignment[str(it["participant_id"])]].append(dict(it))
@@ -118,10 +118,7 @@ def split_participants(
 
 
 def class_weights(
-    items: Sequence[Mapping[str, Any]],
-    num_classes: int = 2,
-    motion_prob: float = 0.0,
-    label_key: str = "label",
+    items: Sequence[Mapping[str, Any]], num_classes: int = 2, motion_prob: float = 0.0, label_key: str = "label"
 ) -> torch.Tensor:
     """Inverse-frequency class weights ``n / (num_classes * n_c)`` from a training datalist.
 
@@ -340,7 +337,9 @@ def clinical_splits(
     n_groups = len(set(groups.tolist()))
     n_test_splits = max(2, round(1.0 / test_fraction))
     if n_groups < n_test_splits or n_groups - n_groups // n_test_splits < n_folds:
-        raise ValueError(f"{n_groups} participants are too few for a test fraction of {test_fraction} and {n_folds} folds.")
+        raise ValueError(
+            f"{n_groups} participants are too few for a test fraction of {test_fraction} and {n_folds} folds."
+        )
     import warnings
 
     with warnings.catch_warnings():  # small classes: sklearn warns that a class has fewer members than splits
@@ -391,7 +390,9 @@ def clinical_datalist(
     return write_json_atomic(datalist, out_dir / f"datalist_{task}_fold-{int(fold)}.json")
 
 
-def rater_agreement(items: Sequence[Mapping[str, Any]], task: str = "mov01vs2", weights: str = "linear") -> dict[str, Any]:
+def rater_agreement(
+    items: Sequence[Mapping[str, Any]], task: str = "mov01vs2", weights: str = "linear"
+) -> dict[str, Any]:
     """Agreement of the raters: the "manual annotations" row of Table IV.
 
     Args:
@@ -413,7 +414,11 @@ def rater_agreement(items: Sequence[Mapping[str, Any]], task: str = "mov01vs2", 
     kappas = {}
     for i, a in enumerate(raters):
         for b in raters[i + 1 :]:
-            pairs = [(it["ratings"][a], it["ratings"][b]) for it in items if it["ratings"].get(a) is not None and it["ratings"].get(b) is not None]
+            pairs = [
+                (it["ratings"][a], it["ratings"][b])
+                for it in items
+                if it["ratings"].get(a) is not None and it["ratings"].get(b) is not None
+            ]
             if len(pairs) < 2:
                 continue
             ga, gb = zip(*pairs)

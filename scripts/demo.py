@@ -83,11 +83,7 @@ def _anatomy(anatomy_seed: int, voxel_size: float) -> torch.Tensor:
 
 
 def _participant_image(
-    rng: np.random.RandomState,
-    voxel_size: float,
-    anatomy_seed: int,
-    clinical: bool = False,
-    grade: int = 0,
+    rng: np.random.RandomState, voxel_size: float, anatomy_seed: int, clinical: bool = False, grade: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """One pseudo-participant scan in t1-linear space; returns (float32 volume, affine).
 
@@ -242,10 +238,7 @@ def _generate_once(root: Path, product: str, what: str, generate: Callable[[Path
 
 
 def ensure_demo_dataset(
-    dataset_dir: str | os.PathLike,
-    n_participants: int = 24,
-    seed: int = 0,
-    voxel_size: float = 1.0,
+    dataset_dir: str | os.PathLike, n_participants: int = 24, seed: int = 0, voxel_size: float = 1.0
 ) -> Path:
     """Return ``<dataset_dir>/datalist.json``, generating the research demo there when the folder is empty."""
     return _generate_once(
@@ -257,10 +250,7 @@ def ensure_demo_dataset(
 
 
 def ensure_clinical_dataset(
-    dataset_dir: str | os.PathLike,
-    n_participants: int = 30,
-    seed: int = 1,
-    voxel_size: float = 1.0,
+    dataset_dir: str | os.PathLike, n_participants: int = 30, seed: int = 1, voxel_size: float = 1.0
 ) -> Path:
     """Return ``<dataset_dir>/ratings.tsv``, generating the clinical demo there when the folder is empty.
 

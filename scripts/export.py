@@ -81,7 +81,10 @@ def _input_shape(net: torch.nn.Module, batch: int) -> tuple[int, ...]:
 
 
 def max_probability_difference(
-    reference: torch.nn.Module, exported: Callable[[np.ndarray], np.ndarray], batches: Sequence[int] = (1, 2), seed: int = 0
+    reference: torch.nn.Module,
+    exported: Callable[[np.ndarray], np.ndarray],
+    batches: Sequence[int] = (1, 2),
+    seed: int = 0,
 ) -> float:
     """Largest absolute difference of softmax probabilities between ``reference`` and ``exported``.
 
@@ -104,7 +107,9 @@ def max_probability_difference(
 def _check(path: Path, diff: float, atol: float) -> float:
     if not diff <= atol:  # also catches NaN
         path.unlink(missing_ok=True)
-        raise RuntimeError(f"Export {path} differs from the PyTorch model by {diff:.3g} in probability (> {atol}); removed.")
+        raise RuntimeError(
+            f"Export {path} differs from the PyTorch model by {diff:.3g} in probability (> {atol}); removed."
+        )
     return diff
 
 
@@ -177,11 +182,25 @@ def export_onnx(
         warnings.simplefilter("ignore")  # exporter chatter (deprecations, opset notes)
         if dynamo:
             batch = torch.export.Dim("batch", min=1, max=1024)
-            torch.onnx.export(net, example, str(out), dynamo=True, external_data=False, dynamic_shapes=({0: batch},),
-                              verbose=False, **names)
+            torch.onnx.export(
+                net,
+                example,
+                str(out),
+                dynamo=True,
+                external_data=False,
+                dynamic_shapes=({0: batch},),
+                verbose=False,
+                **names,
+            )
         else:
-            torch.onnx.export(net, example, str(out), dynamo=False, dynamic_axes={"image": {0: "batch"}, "pred": {0: "batch"}},
-                              **names)
+            torch.onnx.export(
+                net,
+                example,
+                str(out),
+                dynamo=False,
+                dynamic_axes={"image": {0: "batch"}, "pred": {0: "batch"}},
+                **names,
+            )
 
     model = onnx.load(str(out))
     meta = json.loads((config.parent / "metadata.json").read_text())
@@ -216,8 +235,14 @@ def main(argv: Sequence[str] | None = None) -> tuple[Path, float]:
     parser.add_argument("--legacy", action="store_true", help="ONNX: legacy TorchScript-based exporter")
     parser.add_argument("--atol", type=float, default=ATOL, help="accepted probability difference (default 1e-4)")
     args = parser.parse_args(argv)
-    common = dict(bundle_root=args.bundle_root, filepath=args.filepath, config_file=args.config_file,
-                  ckpt_file=args.ckpt_file, spatial_size=args.spatial_size, atol=args.atol)
+    common = dict(
+        bundle_root=args.bundle_root,
+        filepath=args.filepath,
+        config_file=args.config_file,
+        ckpt_file=args.ckpt_file,
+        spatial_size=args.spatial_size,
+        atol=args.atol,
+    )
     if args.format == "torchscript":
         out, diff = export_torchscript(**common)
     else:

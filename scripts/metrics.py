@@ -12,9 +12,9 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
@@ -82,9 +82,7 @@ def _as_arrays(labels: Sequence[int] | np.ndarray, prob: Sequence[float] | np.nd
 
 
 def binary_metrics(
-    labels: Sequence[int] | np.ndarray,
-    prob_motion: Sequence[float] | np.ndarray,
-    threshold: float = 0.5,
+    labels: Sequence[int] | np.ndarray, prob_motion: Sequence[float] | np.ndarray, threshold: float = 0.5
 ) -> BinaryMetrics:
     """Compute balanced accuracy, sensitivity, specificity, PPV, NPV and ROC AUC.
 
@@ -242,7 +240,9 @@ def bootstrap_ci(
             "specificity": spec,
             "balanced_accuracy": float(np.nanmean([sens, spec])),
             "accuracy": _safe_div(tp + tn, yb.size),
-            "roc_auc": float(roc_auc_score(yb, pb)) if "roc_auc" in metrics and 0 < yb.sum() < yb.size else float("nan"),
+            "roc_auc": (
+                float(roc_auc_score(yb, pb)) if "roc_auc" in metrics and 0 < yb.sum() < yb.size else float("nan")
+            ),
         }
         for m in metrics:
             if not math.isnan(sample[m]):
@@ -407,7 +407,9 @@ def mcnemar_files(
     images = sorted(a)
     differ = [im for im in images if a[im]["label"] != b[im]["label"]]
     if differ:
-        raise ValueError(f"{predictions_a} and {predictions_b} disagree on the labels of {len(differ)} images, e.g. {differ[0]}.")
+        raise ValueError(
+            f"{predictions_a} and {predictions_b} disagree on the labels of {len(differ)} images, e.g. {differ[0]}."
+        )
     labels = [a[im]["label"] for im in images]
     res = mcnemar(labels, [a[im]["prediction"] for im in images], [b[im]["prediction"] for im in images], exact_below)
     out = {

@@ -87,10 +87,15 @@ class Conv5FC3(nn.Module):
         layers: list[nn.Module] = []
         prev = in_channels
         for ch in channels:
-            layers += [conv_type(prev, ch, kernel_size=3, stride=1, padding=1), norm_type(ch), act_type(inplace=True), PadMaxPool3d()]
+            layers += [
+                conv_type(prev, ch, kernel_size=3, stride=1, padding=1),
+                norm_type(ch),
+                act_type(inplace=True),
+                PadMaxPool3d(),
+            ]
             prev = ch
         self.convolutions = nn.Sequential(*layers)
-        reduced = [s for s in self.input_size]
+        reduced = list(self.input_size)
         for _ in channels:
             reduced = [math.ceil(s / 2) for s in reduced]
         self.flattened_size = prev * math.prod(reduced)
@@ -264,7 +269,9 @@ class ResNet3D(_ResidualCNN):
         super().__init__(input_size, in_channels, num_classes, channels)
 
     def _head(self, n_in: int, num_classes: int) -> nn.Sequential:
-        return nn.Sequential(nn.Flatten(), nn.Linear(n_in, 256), nn.ELU(), nn.Dropout(self._dropout), nn.Linear(256, num_classes))
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(n_in, 256), nn.ELU(), nn.Dropout(self._dropout), nn.Linear(256, num_classes)
+        )
 
 
 class SECNN(_ResidualCNN):
@@ -291,7 +298,9 @@ class SECNN(_ResidualCNN):
         super().__init__(input_size, in_channels, num_classes, channels)
 
     def _head(self, n_in: int, num_classes: int) -> nn.Sequential:
-        return nn.Sequential(nn.Flatten(), nn.Dropout(self._dropout), nn.Linear(n_in, 256), nn.ReLU(), nn.Linear(256, num_classes))
+        return nn.Sequential(
+            nn.Flatten(), nn.Dropout(self._dropout), nn.Linear(n_in, 256), nn.ReLU(), nn.Linear(256, num_classes)
+        )
 
 
 class ViT3D(nn.Module):
@@ -338,7 +347,9 @@ class ViT3D(nn.Module):
     ) -> None:
         super().__init__()
         if len(input_size) != 3 or len(patch_grid) != 3:
-            raise ValueError(f"ViT3D expects 3D input_size and patch_grid, got {tuple(input_size)}, {tuple(patch_grid)}.")
+            raise ValueError(
+                f"ViT3D expects 3D input_size and patch_grid, got {tuple(input_size)}, {tuple(patch_grid)}."
+            )
         self.input_size = tuple(int(s) for s in input_size)
         self.expected_spatial = list(self.input_size)
         self.patch_size = tuple(s // g for s, g in zip(self.input_size, patch_grid))

@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["tune_allocator", "restore_allocator", "worker_init", "channels_last", "CHANNELS_LAST", "ChannelsLastPrepareBatch"]
+__all__ = [
+    "tune_allocator",
+    "restore_allocator",
+    "worker_init",
+    "channels_last",
+    "CHANNELS_LAST",
+    "ChannelsLastPrepareBatch",
+]
 
 logger = logging.getLogger(__name__)
 

@@ -116,7 +116,8 @@ _JOURNAL = "journal-rank{rank}.jsonl"
 class QCError(Exception):
     """A scan that cannot be scored: ``code`` (a key of :data:`QC_STATUSES`) and ``reason``."""
 
-    def __init__(self, code: str, reason: str) -> None:
+    # B042: never pickled (the loader turns it into a status inside the worker that raised it)
+    def __init__(self, code: str, reason: str) -> None:  # noqa: B042
         if code not in QC_STATUSES:
             raise ValueError(f"unknown QC status {code!r}")
         super().__init__(f"[{code}] {reason}")
@@ -133,8 +134,10 @@ def _has_suffix(name: str, suffixes: Sequence[str]) -> bool:
 def _is_dicom_candidate(folder: Path) -> bool:
     """A folder whose visible files are not volume files (e.g. DICOM slices without extension)."""
     files = [f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")]
-    return bool(files) and not any(_has_suffix(f.name, IMAGE_SUFFIXES[:-1]) for f in files) and not any(
-        f.suffix.lower() in (".json", ".tsv", ".csv", ".txt", ".md") for f in files
+    return (
+        bool(files)
+        and not any(_has_suffix(f.name, IMAGE_SUFFIXES[:-1]) for f in files)
+        and not any(f.suffix.lower() in (".json", ".tsv", ".csv", ".txt", ".md") for f in files)
     )
 
 
@@ -269,7 +272,7 @@ def _read_nifti(path: Path) -> Any:
     ``PreprocessingError`` (``too_small``, ``unreadable`` for a sheared affine).
     """
     import nibabel as nib
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # noqa: N813 - the alias of SimpleITK's own documentation
 
     from scripts.preprocessing.io import _check_geometry, nifti_to_image
 
@@ -285,7 +288,9 @@ def _read_nifti(path: Path) -> Any:
     except QCError:
         raise
     except Exception as err:  # noqa: BLE001 - nibabel/gzip/zlib raise many types for corrupt files
-        raise QCError("unreadable", f"not a readable NIfTI file ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+        raise QCError(
+            "unreadable", f"not a readable NIfTI file ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        ) from None
     finite = np.isfinite(data)
     if not finite.all():
         raise QCError("non_finite", f"{int((~finite).sum())} NaN or infinite voxels")
@@ -349,7 +354,9 @@ class ScanLoader:
         self._log_start(path)
         try:
             image, space, warnings = self.load(path)
-            out.update(status="warning" if warnings else "ok", reason="; ".join(warnings), input_space=space, image=image)
+            out.update(
+                status="warning" if warnings else "ok", reason="; ".join(warnings), input_space=space, image=image
+            )
         except QCError as err:
             out.update(status=err.code, reason=err.reason)
         except Exception as err:  # noqa: BLE001 - one scan must never stop the batch
@@ -423,7 +430,9 @@ class ScanLoader:
 
         from scripts.demo import t1_linear_grid
 
-        tensor = MetaTensor(torch.from_numpy(array)[None], affine=torch.as_tensor(t1_linear_grid(_grid_voxel(self.spatial_size))[1]))
+        tensor = MetaTensor(
+            torch.from_numpy(array)[None], affine=torch.as_tensor(t1_linear_grid(_grid_voxel(self.spatial_size))[1])
+        )
         tensor.meta["filename_or_obj"] = path
         if self.normalize is not None:
             tensor = self.normalize({"image": tensor})["image"]
@@ -550,7 +559,7 @@ def _load_in_worker(loader: ScanLoader, item: Mapping[str, Any]) -> dict[str, An
 
 def _worker_init(threads: int) -> None:
     try:
-        import SimpleITK as sitk
+        import SimpleITK as sitk  # noqa: N813 - the alias of SimpleITK's own documentation
 
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, int(threads)))
     except ImportError:  # pragma: no cover
@@ -654,7 +663,9 @@ class QCJob:
         self.tune_allocator = bool(tune_allocator)
         dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank = int(rank) if rank is not None else (torch.distributed.get_rank() if dist_on else 0)
-        self.world_size = int(world_size) if world_size is not None else (torch.distributed.get_world_size() if dist_on else 1)
+        self.world_size = (
+            int(world_size) if world_size is not None else (torch.distributed.get_world_size() if dist_on else 1)
+        )
         self.model_sha256 = ""
         self.version = bundle_version(bundle_root)
         self._journal_file: Any = None
@@ -693,7 +704,12 @@ class QCJob:
         pending = [it for it in shard if it["image"] not in done]
         logger.info(
             "QC rank %d/%d: %d inputs in this shard, %d already recorded, %d to do (%d in total).",
-            self.rank, self.world_size, len(shard), len(shard) - len(pending), len(pending), len(items),
+            self.rank,
+            self.world_size,
+            len(shard),
+            len(shard) - len(pending),
+            len(pending),
+            len(items),
         )
         if pending:  # computed once here, inherited by forked workers
             _template_on_grid(self.loader.spatial_size)
@@ -701,8 +717,14 @@ class QCJob:
         if self.progress:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=len(shard), initial=len(shard) - len(pending), desc=f"QC rank {self.rank}",
-                             unit="scan", dynamic_ncols=True, position=self.rank)
+            self._bar = tqdm(
+                total=len(shard),
+                initial=len(shard) - len(pending),
+                desc=f"QC rank {self.rank}",
+                unit="scan",
+                dynamic_ncols=True,
+                position=self.rank,
+            )
         try:
             self._process_all(pending)
         finally:
@@ -742,8 +764,13 @@ class QCJob:
                     continue
                 while key in remaining:
                     if sum(self._attempts().get(key, [])) >= 2:  # died twice while alone
-                        self._record(self._failure(remaining[key], "worker_crashed",
-                                                   "the process handling this scan died twice while it was processed alone"))
+                        self._record(
+                            self._failure(
+                                remaining[key],
+                                "worker_crashed",
+                                "the process handling this scan died twice while it was processed alone",
+                            )
+                        )
                         remaining.pop(key)
                         break
                     try:
@@ -757,7 +784,9 @@ class QCJob:
             except _WorkerDied as err:
                 starts = self._attempts()
                 suspects = [k for k in remaining if k in starts]
-                logger.warning("a preprocessing worker died (%s); %d in-flight scans are retried alone.", err, len(suspects))
+                logger.warning(
+                    "a preprocessing worker died (%s); %d in-flight scans are retried alone.", err, len(suspects)
+                )
 
     def _run_loader(self, items: list[dict[str, Any]], isolated: bool, remaining: dict[str, Any]) -> None:
         """Load ``items`` in worker processes (a window of ``num_workers * prefetch_factor`` in
@@ -914,8 +943,9 @@ class QCJob:
 
             if self._cam is None:
                 size = max(2, int(r["image"].shape[1]) // 6)
-                self._cam = OcclusionSensitivity(nn_module=self.network, mask_size=size, overlap=0.0, n_batch=8,
-                                                 mode="mean_img")
+                self._cam = OcclusionSensitivity(
+                    nn_module=self.network, mask_size=size, overlap=0.0, n_batch=8, mode="mean_img"
+                )
             with torch.no_grad():
                 occ, _ = self._cam(self._to_device(r["image"][None]))
             # hiding a region lowers the motion logit: the region pushes towards motion
@@ -932,16 +962,24 @@ class QCJob:
 
         try:
             data = render_thumbnail(r["image"][0].numpy(), saliency)
-            atomic_write(self.output_dir / "qc_thumbnails" / thumbnail_name(r["path"]), lambda tmp: tmp.write_bytes(data))
+            atomic_write(
+                self.output_dir / "qc_thumbnails" / thumbnail_name(r["path"]), lambda tmp: tmp.write_bytes(data)
+            )
         except Exception as err:  # noqa: BLE001
             logger.warning("thumbnail failed for %s: %s", r["path"], err)
 
     # -- recording -----------------------------------------------------------------------------
     @staticmethod
     def _failure(item: Mapping[str, Any], code: str, reason: str) -> dict[str, Any]:
-        return {"path": item["image"], "participant_id": item.get("participant_id", ""),
-                "session_id": item.get("session_id", ""), "status": code, "reason": reason,
-                "input_space": "", "seconds": 0.0}
+        return {
+            "path": item["image"],
+            "participant_id": item.get("participant_id", ""),
+            "session_id": item.get("session_id", ""),
+            "status": code,
+            "reason": reason,
+            "input_space": "",
+            "seconds": 0.0,
+        }
 
     def _row(self, r: Mapping[str, Any]) -> dict[str, Any]:
         prob = r.get("prob_motion")
@@ -1005,8 +1043,13 @@ class QCJob:
             from scripts.qc_report import write_report
 
             try:
-                write_report(rows, self.output_dir / "qc_report.html", self.output_dir / "qc_thumbnails",
-                             threshold=self.threshold, page_size=self.report_page_size)
+                write_report(
+                    rows,
+                    self.output_dir / "qc_report.html",
+                    self.output_dir / "qc_thumbnails",
+                    threshold=self.threshold,
+                    page_size=self.report_page_size,
+                )
             except Exception as err:  # noqa: BLE001 - the table is the product; the report is a view of it
                 logger.error("could not write the HTML report: %s", err)
         return rows

@@ -48,7 +48,9 @@ def _resize(image: np.ndarray, height: int) -> np.ndarray:
     return np.asarray(mode_img.resize((width, height), Image.BILINEAR))
 
 
-def render_thumbnail(volume: np.ndarray, saliency: np.ndarray | None = None, height: int = 96, quality: int = 75) -> bytes:
+def render_thumbnail(
+    volume: np.ndarray, saliency: np.ndarray | None = None, height: int = 96, quality: int = 75
+) -> bytes:
     """A JPEG with the three central slices of ``volume`` (X, Y, Z) side by side, with ``saliency``
     (X, Y, Z, values in [0, 1]) drawn over them: a warm tint where it exceeds 0.3 and a red outline
     around where it exceeds 0.6, so the anatomy stays readable under it.
@@ -65,8 +67,11 @@ def render_thumbnail(volume: np.ndarray, saliency: np.ndarray | None = None, hei
     volume = np.asarray(volume, dtype=np.float32)
     lo, hi = np.percentile(volume[::2, ::2, ::2], [1.0, 99.5])  # every 8th voxel is plenty for a window
     panels = [
-        np.repeat(_resize((np.clip((s - lo) / max(float(hi - lo), 1e-6), 0, 1) * 255).astype(np.uint8), height)[..., None],
-                  3, axis=2).astype(np.float32)
+        np.repeat(
+            _resize((np.clip((s - lo) / max(float(hi - lo), 1e-6), 0, 1) * 255).astype(np.uint8), height)[..., None],
+            3,
+            axis=2,
+        ).astype(np.float32)
         for s in central_slices(volume)
     ]
     if saliency is not None:
@@ -83,25 +88,35 @@ def render_thumbnail(volume: np.ndarray, saliency: np.ndarray | None = None, hei
     return buffer.getvalue()
 
 
-def probability_histogram_svg(probs: Sequence[float], threshold: float, bins: int = 20, width: int = 520, height: int = 160) -> str:
+def probability_histogram_svg(
+    probs: Sequence[float], threshold: float, bins: int = 20, width: int = 520, height: int = 160
+) -> str:
     """An inline SVG histogram of motion probabilities in [0, 1] with the threshold as a red line."""
     counts, _ = np.histogram(np.asarray(probs, dtype=float), bins=bins, range=(0.0, 1.0))
     top = max(int(counts.max()) if len(counts) else 0, 1)
     pad, bar_w = 30, (width - 40) / bins
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 30}" role="img" '
-             f'aria-label="histogram of motion probabilities">']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 30}" role="img" '
+        f'aria-label="histogram of motion probabilities">'
+    ]
     for i, c in enumerate(counts):
         h = (height - 10) * c / top
         x = pad + i * bar_w
-        parts.append(f'<rect x="{x:.1f}" y="{height - h:.1f}" width="{bar_w - 1:.1f}" height="{h:.1f}" fill="#4a78b5">'
-                     f'<title>{i / bins:.2f}-{(i + 1) / bins:.2f}: {int(c)} scans</title></rect>')
+        parts.append(
+            f'<rect x="{x:.1f}" y="{height - h:.1f}" width="{bar_w - 1:.1f}" height="{h:.1f}" fill="#4a78b5">'
+            f"<title>{i / bins:.2f}-{(i + 1) / bins:.2f}: {int(c)} scans</title></rect>"
+        )
     tx = pad + threshold * (width - 40)
     parts.append(f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="0" y2="{height}" stroke="#c0392b" stroke-width="2"/>')
     parts.append(f'<text x="{tx + 3:.1f}" y="12" font-size="11" fill="#c0392b">threshold {threshold:g}</text>')
     for v in (0.0, 0.25, 0.5, 0.75, 1.0):
-        parts.append(f'<text x="{pad + v * (width - 40):.1f}" y="{height + 16}" font-size="11" text-anchor="middle">{v:g}</text>')
+        parts.append(
+            f'<text x="{pad + v * (width - 40):.1f}" y="{height + 16}" font-size="11" text-anchor="middle">{v:g}</text>'
+        )
     parts.append(f'<text x="2" y="12" font-size="11">{top}</text><text x="2" y="{height}" font-size="11">0</text>')
-    parts.append(f'<text x="{width / 2:.0f}" y="{height + 29}" font-size="11" text-anchor="middle">motion probability</text></svg>')
+    parts.append(
+        f'<text x="{width / 2:.0f}" y="{height + 29}" font-size="11" text-anchor="middle">motion probability</text></svg>'
+    )
     return "".join(parts)
 
 
@@ -126,7 +141,8 @@ let page = 0, shown = DATA;
 const size = Number(document.body.dataset.pageSize);
 function esc(s){return String(s).replace(/[&<>"]/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));}
 function card(d){
-  const img = d.img ? `<img loading="lazy" alt="central slices and saliency of ${esc(d.path)}" src="data:image/jpeg;base64,${d.img}">` : '<div>(no picture)</div>';
+  const img = d.img ? `<img loading="lazy" alt="central slices and saliency of ${esc(d.path)}" \
+src="data:image/jpeg;base64,${d.img}">` : '<div>(no picture)</div>';
   const warn = d.status === 'warning' ? `<div class="warn">warning: ${esc(d.reason)}</div>` : '';
   return `<div class="card ${d.decision}" data-status="${d.status}">${img}
     <div><span class="prob">p(motion) = ${d.prob.toFixed(3)}</span> &middot; <b>${d.decision.replace('_',' ')}</b></div>
@@ -141,7 +157,8 @@ function render(){
 function filter(){
   const q = document.getElementById('search').value.toLowerCase();
   const dec = document.getElementById('decision').value;
-  shown = DATA.filter(d => (!dec || d.decision === dec) && (!q || (d.path + ' ' + d.participant_id + ' ' + d.session_id).toLowerCase().includes(q)));
+  shown = DATA.filter(d => (!dec || d.decision === dec) && \
+(!q || (d.path + ' ' + d.participant_id + ' ' + d.session_id).toLowerCase().includes(q)));
   page = 0; render();
 }
 for (const b of document.querySelectorAll('button[data-step]')) b.onclick = () => { page += Number(b.dataset.step); render(); };
@@ -192,27 +209,42 @@ def write_report(
             thumb = Path(thumbnails_dir) / thumbnail_name(r["path"])
             if thumb.is_file():
                 img = base64.b64encode(thumb.read_bytes()).decode("ascii")
-        data.append({"path": r["path"], "participant_id": r.get("participant_id", ""),
-                     "session_id": r.get("session_id", ""), "status": r["status"], "reason": r.get("reason", ""),
-                     "prob": float(r["prob_motion"]), "decision": r.get("decision", ""), "img": img})
+        data.append(
+            {
+                "path": r["path"],
+                "participant_id": r.get("participant_id", ""),
+                "session_id": r.get("session_id", ""),
+                "status": r["status"],
+                "reason": r.get("reason", ""),
+                "prob": float(r["prob_motion"]),
+                "decision": r.get("decision", ""),
+                "img": img,
+            }
+        )
     decisions = {d: sum(1 for r in scored if r.get("decision") == d) for d in ("motion", "no_motion")}
     payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
     failed_rows = "".join(
         f"<tr><td>{html.escape(r['status'])}</td><td>{html.escape(r.get('reason', ''))}</td>"
-        f"<td>{html.escape(r['path'])}</td></tr>" for r in failed
+        f"<td>{html.escape(r['path'])}</td></tr>"
+        for r in failed
     )
     failed_html = (
         f'<h2>Not scored ({len(failed)})</h2><table class="failed"><tr><th>status</th><th>reason</th><th>path</th></tr>'
-        f"{failed_rows}</table>" if failed else "<h2>Not scored (0)</h2><p>Every input was scored.</p>"
+        f"{failed_rows}</table>"
+        if failed
+        else "<h2>Not scored (0)</h2><p>Every input was scored.</p>"
     )
-    pager = ('<div class="pager"><button data-step="-1">&larr; previous</button><span class="pageinfo"></span>'
-             '<button data-step="1">next &rarr;</button></div>')
+    pager = (
+        '<div class="pager"><button data-step="-1">&larr; previous</button><span class="pageinfo"></span>'
+        '<button data-step="1">next &rarr;</button></div>'
+    )
     text = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{_STYLE}</style></head>
 <body data-page-size="{int(page_size)}">
 <h1>{html.escape(title)}</h1>
-<p>{len(rows)} inputs: {len(scored)} scored ({decisions['motion']} motion, {decisions['no_motion']} no motion at threshold {threshold:g}), {len(failed)} not scored.</p>
+<p>{len(rows)} inputs: {len(scored)} scored ({decisions['motion']} motion, \
+{decisions['no_motion']} no motion at threshold {threshold:g}), {len(failed)} not scored.</p>
 {_counts_table(counts)}
 <h2>Motion probabilities</h2>{probability_histogram_svg([float(r['prob_motion']) for r in scored], threshold)}
 <h2>Scans, most likely motion first</h2>
@@ -220,7 +252,8 @@ def write_report(
 each picture), with the saliency map of the motion class (where the network sees motion): warm tint,
 red outline around the strongest part.</p>
 <div><input id="search" placeholder="filter by path or ID" size="40">
-<select id="decision"><option value="">all decisions</option><option value="motion">motion</option><option value="no_motion">no motion</option></select></div>
+<select id="decision"><option value="">all decisions</option><option value="motion">motion</option>\
+<option value="no_motion">no motion</option></select></div>
 {pager}<div id="cards" class="cards"></div>{pager}
 {failed_html}
 <script type="application/json" id="qc-data">{payload}</script>

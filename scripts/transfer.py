@@ -85,12 +85,20 @@ def load_pretrained(
         if skipped:
             logger.info("not loading %d tensors of other shape: %s", len(skipped), skipped)
     else:
-        wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+        wrong = [
+            f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if k in own and own[k].shape != v.shape
+        ]
         if wrong:
-            raise ValueError(f"{path}: tensors of other shape than the network's (was it trained at another spatial_size?): {wrong[:5]}")
+            raise ValueError(
+                f"{path}: tensors of other shape than the network's (was it trained at another spatial_size?): {wrong[:5]}"
+            )
     result = network.load_state_dict(state, strict=strict and not skip_mismatched)
     if strict and not skip_mismatched and (result.missing_keys or result.unexpected_keys):
-        raise ValueError(f"{path}: missing keys {result.missing_keys[:5]}, unexpected keys {result.unexpected_keys[:5]}")
+        raise ValueError(
+            f"{path}: missing keys {result.missing_keys[:5]}, unexpected keys {result.unexpected_keys[:5]}"
+        )
     logger.info("loaded pre-trained weights from %s", path)
     return network
 
@@ -107,7 +115,9 @@ def freeze_all_but(network: nn.Module, trainable: Sequence[str]) -> list[str]:
     modules = dict(network.named_modules())
     unknown = [n for n in trainable if n not in modules]
     if unknown:
-        raise ValueError(f"{type(network).__name__} has no submodule(s) {unknown}; its modules include {list(modules)[1:12]}.")
+        raise ValueError(
+            f"{type(network).__name__} has no submodule(s) {unknown}; its modules include {list(modules)[1:12]}."
+        )
     names = []
     for name, param in network.named_parameters():
         param.requires_grad_(_is_under(name, trainable))
@@ -136,7 +146,9 @@ def freeze_batchnorm_statistics(network: nn.Module, exclude: Sequence[str] = ())
         if isinstance(module, _BN_TYPES) and not _is_under(name, exclude):
             cls = type(module)
             if cls not in _FROZEN_BN_CLASSES.values():
-                frozen = _FROZEN_BN_CLASSES.setdefault(cls, type(f"StatsFrozen{cls.__name__}", (cls,), {"train": _eval_only_train}))
+                frozen = _FROZEN_BN_CLASSES.setdefault(
+                    cls, type(f"StatsFrozen{cls.__name__}", (cls,), {"train": _eval_only_train})
+                )
                 module.__class__ = frozen
             module.train(False)
             names.append(name)
@@ -199,8 +211,14 @@ def prepare_finetuning(
     if bn_mode == "frozen" and not full:
         freeze_batchnorm_statistics(network, exclude=modules)
     n_train, n_all = count_parameters(network, trainable_only=True), count_parameters(network)
-    logger.info("fine-tuning %s: %d of %d parameters trainable (%s), BatchNorm statistics %s",
-                type(network).__name__, n_train, n_all, "all" if full else ", ".join(modules), bn_mode)
+    logger.info(
+        "fine-tuning %s: %d of %d parameters trainable (%s), BatchNorm statistics %s",
+        type(network).__name__,
+        n_train,
+        n_all,
+        "all" if full else ", ".join(modules),
+        bn_mode,
+    )
     return network
 
 
@@ -286,7 +304,9 @@ def _main(argv: Sequence[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description="Transfer-learning study utilities.")
     sub = parser.add_subparsers(dest="command", required=True)
-    agree = sub.add_parser("agreement", help="rater agreement (weighted kappa, BA vs consensus): the manual-annotation row")
+    agree = sub.add_parser(
+        "agreement", help="rater agreement (weighted kappa, BA vs consensus): the manual-annotation row"
+    )
     agree.add_argument("ratings")
     agree.add_argument("--task", default="mov01vs2")
     agree.add_argument("--weights", default="linear", choices=["linear", "quadratic"])

@@ -179,6 +179,7 @@ def _stitch_segments(
     if not moved:
         dest.copy_(flat)
         return res
+
     def spectrum(row: int, freqs: torch.Tensor) -> torch.Tensor:
         """``(N, [Re | Im])`` DFT of moved-minus-unmoved at the signed frequencies ``freqs``."""
         cos, sin = dft_matrices(length, freqs, dev, dt)
@@ -277,8 +278,9 @@ def apply_image_motion(
             return resample_rigid(vol.unsqueeze(0), a_p[row], b_p[row], fill, backend, subtract=True)[0]
 
         target = out[ch].permute(*perm)
-        res = _stitch_segments(vol, move, bounds, source, output, phase_first,
-                               out=target if target.is_contiguous() else None)
+        res = _stitch_segments(
+            vol, move, bounds, source, output, phase_first, out=target if target.is_contiguous() else None
+        )
         if res.data_ptr() != target.data_ptr():
             target.copy_(res)
     return out.to(in_dtype)
@@ -309,8 +311,15 @@ class ImageMotion(Transform):
     def __call__(self, img: Any) -> Any:
         data, affine = as_volume(img, where="ImageMotion")
         res = apply_image_motion(
-            data, affine, self.degrees, self.translation, self.times,
-            self.phase_axis, self.center, self.output, self.backend,
+            data,
+            affine,
+            self.degrees,
+            self.translation,
+            self.times,
+            self.phase_axis,
+            self.center,
+            self.output,
+            self.backend,
         )
         return wrap_like(res, img)
 
@@ -345,7 +354,9 @@ class RandImageMotion(RandomizableTransform):
         RandomizableTransform.__init__(self, prob)
         if severity is not None:
             if severity not in IMAGE_MOTION_PRESETS:
-                raise ValueError(f"RandImageMotion: unknown severity {severity!r}; use one of {list(IMAGE_MOTION_PRESETS)}")
+                raise ValueError(
+                    f"RandImageMotion: unknown severity {severity!r}; use one of {list(IMAGE_MOTION_PRESETS)}"
+                )
             preset = IMAGE_MOTION_PRESETS[severity]
             degrees, translation, num_transforms = preset["degrees"], preset["translation"], preset["num_transforms"]
         if not isinstance(num_transforms, (int, np.integer)) or num_transforms < 1:
@@ -375,8 +386,7 @@ class RandImageMotion(RandomizableTransform):
         data, affine = as_volume(img, where="RandImageMotion")
         p = self._params
         res = apply_image_motion(
-            data, affine, p["degrees"], p["translation"], p["times"],
-            self._axis, self.center, self.output, self.backend,
+            data, affine, p["degrees"], p["translation"], p["times"], self._axis, self.center, self.output, self.backend
         )
         return wrap_like(res, img)
 
@@ -387,8 +397,12 @@ class RandImageMotion(RandomizableTransform):
 
     def zero_params(self, img: Any = None) -> dict[str, torch.Tensor]:
         n = self.num_transforms
-        return {"degrees": torch.zeros(n, 3), "translation": torch.zeros(n, 3), "times": torch.zeros(n),
-                "phase_axis": torch.tensor(-1.0)}
+        return {
+            "degrees": torch.zeros(n, 3),
+            "translation": torch.zeros(n, 3),
+            "times": torch.zeros(n),
+            "phase_axis": torch.tensor(-1.0),
+        }
 
     def last_course(self, img: Any) -> torch.Tensor:
         assert self._params is not None

@@ -233,8 +233,9 @@ def apply_kspace_motion(
         res = _simulate_volume(vol, spacing[perm], pc, pmat, n_segments, weights, output, backend)
         res = res.permute(*inv_perm)
         if any(pads):
-            res = res[pads[0] : pads[0] + work.shape[1], pads[1] : pads[1] + work.shape[2],
-                      pads[2] : pads[2] + work.shape[3]]
+            res = res[
+                pads[0] : pads[0] + work.shape[1], pads[1] : pads[1] + work.shape[2], pads[2] : pads[2] + work.shape[3]
+            ]
         out[ch] = res
     out = out.to(in_dtype)
     return (out, plane_course) if return_plane_course else out
@@ -262,8 +263,17 @@ class KSpaceMotion(Transform):
 
     def __call__(self, img: Any) -> Any:
         data, affine = as_volume(img, where="KSpaceMotion")
-        res = apply_kspace_motion(data, affine, self.course, self.phase_axis, self.n_segments, self.demean,
-                                  self.output, self.oversampling, self.backend)
+        res = apply_kspace_motion(
+            data,
+            affine,
+            self.course,
+            self.phase_axis,
+            self.n_segments,
+            self.demean,
+            self.output,
+            self.oversampling,
+            self.backend,
+        )
         return wrap_like(res, img)
 
 
@@ -307,15 +317,22 @@ class RandKSpaceMotion(RandomizableTransform):
         RandomizableTransform.__init__(self, prob)
         if severity is not None:
             if severity not in KSPACE_MOTION_PRESETS:
-                raise ValueError(f"RandKSpaceMotion: unknown severity {severity!r}; use one of {list(KSPACE_MOTION_PRESETS)}")
+                raise ValueError(
+                    f"RandKSpaceMotion: unknown severity {severity!r}; use one of {list(KSPACE_MOTION_PRESETS)}"
+                )
             global_disp = KSPACE_MOTION_PRESETS[severity]["global_disp"]
             global_rot = KSPACE_MOTION_PRESETS[severity]["global_rot"]
         self.n_t = int(n_t)
         self.ranges = {
-            "max_disp": max_disp, "max_rot": max_rot, "noise_base": noise_base,
-            "swallow_frequency": swallow_frequency, "swallow_magnitude": swallow_magnitude,
-            "sudden_frequency": sudden_frequency, "sudden_magnitude": sudden_magnitude,
-            "global_disp": global_disp, "global_rot": global_rot,
+            "max_disp": max_disp,
+            "max_rot": max_rot,
+            "noise_base": noise_base,
+            "swallow_frequency": swallow_frequency,
+            "swallow_magnitude": swallow_magnitude,
+            "sudden_frequency": sudden_frequency,
+            "sudden_magnitude": sudden_magnitude,
+            "global_disp": global_disp,
+            "global_rot": global_rot,
         }
         random_time_course(np.random.RandomState(0), self.n_t, **self.ranges)  # validate early
         self.phase_axes = parse_phase_axes(phase_axis, "RandKSpaceMotion")
@@ -342,8 +359,16 @@ class RandKSpaceMotion(RandomizableTransform):
             raise RuntimeError("RandKSpaceMotion: call randomize() before __call__(randomize=False)")
         data, affine = as_volume(img, where="RandKSpaceMotion")
         res, self._plane_course = apply_kspace_motion(
-            data, affine, self._course, self._axis, self.n_segments, self.demean, self.output,
-            self.oversampling, self.backend, return_plane_course=True,
+            data,
+            affine,
+            self._course,
+            self._axis,
+            self.n_segments,
+            self.demean,
+            self.output,
+            self.oversampling,
+            self.backend,
+            return_plane_course=True,
         )
         return wrap_like(res, img)
 
@@ -358,8 +383,12 @@ class RandKSpaceMotion(RandomizableTransform):
         }
 
     def zero_params(self, img: Any = None) -> dict[str, torch.Tensor]:
-        return {"course": torch.zeros(6, self.n_t), "global_disp": torch.tensor(0.0),
-                "global_rot": torch.tensor(0.0), "phase_axis": torch.tensor(-1.0)}
+        return {
+            "course": torch.zeros(6, self.n_t),
+            "global_disp": torch.tensor(0.0),
+            "global_rot": torch.tensor(0.0),
+            "phase_axis": torch.tensor(-1.0),
+        }
 
     def last_course(self, img: Any = None) -> torch.Tensor:
         """Per-plane course ``(6, L)`` of the last application (after demeaning)."""

@@ -34,14 +34,7 @@ from .resample import euler_to_matrix
 
 __all__ = ["METRIC_NAMES", "motion_metrics", "ssim3d", "max_pairwise_motion"]
 
-METRIC_NAMES = (
-    "mean_disp_jenkinson",
-    "mean_disp_power",
-    "mean_fd_power",
-    "max_translation",
-    "max_rotation",
-    "ssim",
-)
+METRIC_NAMES = ("mean_disp_jenkinson", "mean_disp_power", "mean_fd_power", "max_translation", "max_rotation", "ssim")
 
 
 def _check_course(course: torch.Tensor) -> torch.Tensor:
@@ -81,10 +74,7 @@ def ssim3d(clean: torch.Tensor, moved: torch.Tensor, k1: float = 0.01, k2: float
 
 
 def motion_metrics(
-    course: torch.Tensor,
-    clean: torch.Tensor | None = None,
-    moved: torch.Tensor | None = None,
-    radius: float = 80.0,
+    course: torch.Tensor, clean: torch.Tensor | None = None, moved: torch.Tensor | None = None, radius: float = 80.0
 ) -> dict[str, float]:
     """All metrics of :data:`METRIC_NAMES` as Python floats (``ssim`` is NaN without images)."""
     c = _check_course(course).cpu()

@@ -39,12 +39,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "euler_to_matrix",
-    "resample_rigid",
-    "rigid_index_map",
-    "voxel_spacing",
-]
+__all__ = ["euler_to_matrix", "resample_rigid", "rigid_index_map", "voxel_spacing"]
 
 Backend = Literal["auto", "compiled", "grid_sample", "eager"]
 
@@ -74,10 +69,7 @@ def voxel_spacing(affine: torch.Tensor) -> torch.Tensor:
 
 
 def rigid_index_map(
-    affine: torch.Tensor,
-    rotation: torch.Tensor,
-    translation: torch.Tensor,
-    center_world: torch.Tensor,
+    affine: torch.Tensor, rotation: torch.Tensor, translation: torch.Tensor, center_world: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Express a world-space pull-back rigid map in voxel-index space.
 
@@ -127,9 +119,7 @@ def _trilinear_at(
     outside the box ``[-0.5, n - 0.5]`` on any axis get ``fill``.
     """
     nx, ny, nz = shape
-    inside = (
-        (px >= -0.5) & (px <= nx - 0.5) & (py >= -0.5) & (py <= ny - 0.5) & (pz >= -0.5) & (pz <= nz - 0.5)
-    )
+    inside = (px >= -0.5) & (px <= nx - 0.5) & (py >= -0.5) & (py <= ny - 0.5) & (pz >= -0.5) & (pz <= nz - 0.5)
     x0, y0, z0 = torch.floor(px), torch.floor(py), torch.floor(pz)
     fx, fy, fz = px - x0, py - y0, pz - z0
     x0, y0, z0 = x0.long(), y0.long(), z0.long()
@@ -229,7 +219,9 @@ def _unblock(blocked: torch.Tensor, vol: torch.Tensor, subtract: bool) -> torch.
     nx, ny, nz = vol.shape
     bx = -(-nx // tx)
     by = bxy // bx
-    out = blocked.view(bx, by, bz, tx, ty, tz).permute(0, 3, 1, 4, 2, 5).reshape(bx * tx, by * ty, bz * tz)[:nx, :ny, :nz]
+    out = (
+        blocked.view(bx, by, bz, tx, ty, tz).permute(0, 3, 1, 4, 2, 5).reshape(bx * tx, by * ty, bz * tz)[:nx, :ny, :nz]
+    )
     return out - vol if subtract else out.contiguous()
 
 
@@ -251,7 +243,9 @@ def _compiled_backend() -> Callable | None:
             blocked = torch.compile(_blocked_trilinear, dynamic=False, options={"assert_indirect_indexing": False})
             unblock = torch.compile(_unblock, dynamic=False)
 
-            def fn(vol: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fill: torch.Tensor, subtract: bool) -> torch.Tensor:
+            def fn(
+                vol: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fill: torch.Tensor, subtract: bool
+            ) -> torch.Tensor:
                 block = (_block_edge(vol.shape[0]), _block_edge(vol.shape[1]), _BLOCK_Z)
                 return unblock(blocked(vol, a, b, fill, block), vol, subtract)
 

@@ -155,9 +155,7 @@ def resample_course(course: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def demean_course(
-    course: torch.Tensor,
-    mode: Literal["none", "center", "energy"] = "none",
-    weights: torch.Tensor | None = None,
+    course: torch.Tensor, mode: Literal["none", "center", "energy"] = "none", weights: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Remove a global pose from a per-plane course ``(6, n)`` (planes in k-space order).
 

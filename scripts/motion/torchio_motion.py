@@ -63,11 +63,7 @@ class RandTorchIOMotion(RandomizableTransform):
     """With probability ``prob``, apply TorchIO's ``RandomMotion`` to a channel-first 3D image."""
 
     def __init__(
-        self,
-        prob: float = 0.5,
-        degrees: Range = (2.0, 8.0),
-        translation: Range = (2.0, 8.0),
-        num_transforms: int = 4,
+        self, prob: float = 0.5, degrees: Range = (2.0, 8.0), translation: Range = (2.0, 8.0), num_transforms: int = 4
     ) -> None:
         RandomizableTransform.__init__(self, prob)
         # YAML gives lists; TorchIO wants a scalar or a (low, high) tuple
@@ -129,4 +125,3 @@ class RandTorchIOMotiond(MapTransform, RandomizableTransform):
         if self.label_key is not None:
             d[self.label_key] = 1 if self._do_transform else int(d.get(self.label_key, 0))
         return d
-

@@ -27,6 +27,7 @@ def __getattr__(name: str):
         return getattr(transforms, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 __all__ = [
     "CROP_ORIGIN_RAS",
     "CROP_SHAPE",

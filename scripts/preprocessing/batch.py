@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import nibabel as nib
-import SimpleITK as sitk
+import SimpleITK as sitk  # noqa: N813 - the alias of SimpleITK's own documentation
 
 from .core import PreprocessingResult, T1LinearSettings, preprocess_t1_linear
 from .errors import PreprocessingError
@@ -292,9 +292,7 @@ class BatchPreprocessor:
             if scan.prefix in seen:
                 first = scans[seen[scan.prefix]].path
                 result = PreprocessingResult(
-                    path=str(scan.path),
-                    status="duplicate_id",
-                    reason=f"same output name {scan.prefix} as {first}",
+                    path=str(scan.path), status="duplicate_id", reason=f"same output name {scan.prefix} as {first}"
                 )
                 rows[i] = _row(scan, result, self.output_dir)
             else:
@@ -319,8 +317,7 @@ class BatchPreprocessor:
                 self.num_workers, mp_context=get_context("spawn"), initializer=_worker_init, initargs=(self.threads,)
             ) as pool:
                 futures: dict[Future, int] = {
-                    pool.submit(process_scan, scans[i], self.output_dir, self.settings, self.overwrite): i
-                    for i in todo
+                    pool.submit(process_scan, scans[i], self.output_dir, self.settings, self.overwrite): i for i in todo
                 }
                 for future in as_completed(futures):
                     i = futures[future]
@@ -337,4 +334,3 @@ class BatchPreprocessor:
         final = [r for r in rows if r is not None]
         write_table(final, self.table_path)
         return final
-

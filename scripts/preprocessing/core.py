@@ -26,14 +26,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
+import SimpleITK as sitk  # noqa: N813 - the alias of SimpleITK's own documentation
 
 from .errors import PreprocessingError
 from .io import LPS_TO_RAS, image_to_array, image_to_nifti, nifti_to_image, read_image
@@ -282,7 +282,9 @@ def _fixed_base(mask_dilation_mm: int) -> _Fixed:
     template, mask = load_template()
     dilated = mask
     if mask_dilation_mm > 0:  # a distance map is much faster than a ball dilation
-        distance = sitk.SignedMaurerDistanceMap(mask, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+        distance = sitk.SignedMaurerDistanceMap(
+            mask, insideIsPositive=False, squaredDistance=False, useImageSpacing=True
+        )
         dilated = sitk.Cast(distance <= float(mask_dilation_mm), sitk.sitkUInt8)
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(dilated)
@@ -359,7 +361,7 @@ def _run_level(
         relaxationFactor=0.5,
         gradientMagnitudeTolerance=1e-6,
         estimateLearningRate=reg.Once,
-        maximumStepSizeInPhysicalUnits=settings.step_voxels * max(fixed.image.GetSpacing()),
+        maximumStepSizeInPhysicalUnits=settings.step_voxels * voxel_mm,
     )
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetInitialTransform(transform, inPlace=True)
@@ -394,7 +396,9 @@ def register(
 
     first = settings.rigid_levels[0] if settings.rigid_levels else settings.affine_levels[0]
     rigid = _initial_transform(head_mask, _fixed(settings, *first).centre)
-    pyramid = _moving_pyramid(moving, {(int(k), float(s)) for k, s in (*settings.rigid_levels, *settings.affine_levels)})
+    pyramid = _moving_pyramid(
+        moving, {(int(k), float(s)) for k, s in (*settings.rigid_levels, *settings.affine_levels)}
+    )
 
     def level_images(shrink: int, sigma: float) -> tuple[_Fixed, sitk.Image]:
         return _fixed(settings, shrink, sigma), pyramid[(int(shrink), float(sigma))]
@@ -500,9 +504,7 @@ def preprocess_t1_linear(
     if np.linalg.det(matrix[:3, :3]) <= 0:
         problems.append("the affine contains a reflection")
     if min(result.scales) < low or max(result.scales) > high:
-        problems.append(
-            f"implausible scalings {tuple(round(s, 3) for s in result.scales)} (allowed {low}..{high})"
-        )
+        problems.append(f"implausible scalings {tuple(round(s, 3) for s in result.scales)} (allowed {low}..{high})")
     if not result.correlation >= settings.min_correlation:
         problems.append(
             f"correlation with the template {result.correlation:.3f} < {settings.min_correlation} inside the brain mask"

@@ -41,7 +41,8 @@ class PreprocessingError(Exception):
         reason: a sentence for a person, naming what is wrong.
     """
 
-    def __init__(self, path: str | Path | None, code: str, reason: str) -> None:
+    # B042: the message is built from the fields; __reduce__ below keeps pickle and copy working
+    def __init__(self, path: str | Path | None, code: str, reason: str) -> None:  # noqa: B042
         if code not in ERROR_CODES:
             raise ValueError(f"unknown preprocessing error code {code!r}; known: {sorted(ERROR_CODES)}")
         self.path = str(path) if path is not None else ""

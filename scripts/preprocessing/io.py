@@ -14,7 +14,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
+import SimpleITK as sitk  # noqa: N813 - the alias of SimpleITK's own documentation
 
 from .errors import PreprocessingError
 

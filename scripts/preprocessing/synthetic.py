@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import SimpleITK as sitk
+import SimpleITK as sitk  # noqa: N813 - the alias of SimpleITK's own documentation
 
 from .template import load_template
 
@@ -79,10 +79,7 @@ def affine_from_parameters(
 
 
 def random_affine(
-    rng: np.random.Generator,
-    max_rotation_deg: float = 15.0,
-    max_translation_mm: float = 20.0,
-    max_scaling: float = 0.1,
+    rng: np.random.Generator, max_rotation_deg: float = 15.0, max_translation_mm: float = 20.0, max_scaling: float = 0.1
 ) -> sitk.AffineTransform:
     """A random :func:`affine_from_parameters`: rotations uniform in +-``max_rotation_deg`` degrees,
     translations uniform in +-``max_translation_mm`` mm, per-axis scaling uniform in 1 +- ``max_scaling``.
@@ -156,8 +153,12 @@ def make_scan(
     grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in data.shape], indexing="ij")
     coeffs = rng.uniform(-1, 1, 6)
     log_bias = (
-        coeffs[0] * grids[0] + coeffs[1] * grids[1] + coeffs[2] * grids[2]
-        + coeffs[3] * grids[0] * grids[1] + coeffs[4] * grids[1] ** 2 + coeffs[5] * grids[2] ** 2
+        coeffs[0] * grids[0]
+        + coeffs[1] * grids[1]
+        + coeffs[2] * grids[2]
+        + coeffs[3] * grids[0] * grids[1]
+        + coeffs[4] * grids[1] ** 2
+        + coeffs[5] * grids[2] ** 2
     )
     log_bias *= bias_strength / max(np.abs(log_bias).max(), 1e-6)
     data *= np.exp(log_bias)

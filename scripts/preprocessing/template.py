@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import SimpleITK as sitk
+import SimpleITK as sitk  # noqa: N813 - the alias of SimpleITK's own documentation
 
 from .io import image_from_array
 

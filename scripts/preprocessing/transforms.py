@@ -14,7 +14,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
+import SimpleITK as sitk  # noqa: N813 - the alias of SimpleITK's own documentation
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
@@ -78,7 +78,9 @@ class T1Linear(Transform):
             affine = meta_dict["affine"]
             filename = str(meta_dict.get("filename_or_obj", ""))
         if affine is None:
-            raise PreprocessingError(filename, "unreadable", "an array input needs a RAS affine (MetaTensor or meta_dict)")
+            raise PreprocessingError(
+                filename, "unreadable", "an array input needs a RAS affine (MetaTensor or meta_dict)"
+            )
         array = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
         if array.ndim == 4 and array.shape[0] == 1:
             array = array[0]

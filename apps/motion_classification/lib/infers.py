@@ -39,6 +39,7 @@ def _import_bundle_infer_task() -> type:
     try:
         import torchvision.utils  # noqa: F401
     except ImportError:
+
         def unavailable(*args: Any, **kwargs: Any) -> None:
             raise RuntimeError("torchvision is not installed; monailabel's image-grid helpers are unavailable.")
 
@@ -93,7 +94,9 @@ class MotionClassificationInfer(BundleInferTask):
         if self._spatial_size:
             size = [int(s) for s in str(self._spatial_size).replace("x", ",").split(",") if s.strip()]
             if len(size) != 3:
-                raise ValueError(f"spatial_size must be three integers such as 169,208,179, got {self._spatial_size!r}.")
+                raise ValueError(
+                    f"spatial_size must be three integers such as 169,208,179, got {self._spatial_size!r}."
+                )
             parser["spatial_size"] = size
         return parser
 
