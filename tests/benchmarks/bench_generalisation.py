@@ -86,6 +86,23 @@ def score(datalist: Path, network: torch.nn.Module, preprocessing, batch: int = 
     return np.asarray(probs), items
 
 
+def _row(name: str, y: np.ndarray, p: np.ndarray, threshold: float, seconds: float) -> dict:
+    """One table row: metrics of labels ``y`` and motion probabilities ``p`` at ``threshold``."""
+    m = binary_metrics(y, p, threshold)
+    return {
+        "set": name,
+        "n": int(y.size),
+        "n_motion": int(y.sum()),
+        "ba": m.balanced_accuracy,
+        "auc": m.roc_auc,
+        "sensitivity": m.sensitivity,
+        "specificity": m.specificity,
+        "flagged": float((p >= threshold).mean()),
+        "mean_prob": float(p.mean()),
+        "seconds": seconds,
+    }
+
+
 def _fmt(v: float) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
@@ -135,42 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         p, items = score(path, network, preprocessing)
         y = np.asarray([int(it["label"]) for it in items])
-        m = binary_metrics(y, p, threshold)
-        rate = float((p >= threshold).mean())
-        rows.append(
-            {
-                "set": name,
-                "n": int(y.size),
-                "n_motion": int(y.sum()),
-                "ba": m.balanced_accuracy,
-                "auc": m.roc_auc,
-                "sensitivity": m.sensitivity,
-                "specificity": m.specificity,
-                "flagged": rate,
-                "mean_prob": float(p.mean()),
-                "seconds": time.perf_counter() - t0,
-            }
-        )
+        rows.append(_row(name, y, p, threshold, time.perf_counter() - t0))
         if name in MAIN_SETS:
             pooled_y.append(y)
             pooled_p.append(p)
-    y, p = np.concatenate(pooled_y), np.concatenate(pooled_p)
-    m = binary_metrics(y, p, threshold)
-    rows.insert(
-        0,
-        {
-            "set": "overall (4 main sets)",
-            "n": int(y.size),
-            "n_motion": int(y.sum()),
-            "ba": m.balanced_accuracy,
-            "auc": m.roc_auc,
-            "sensitivity": m.sensitivity,
-            "specificity": m.specificity,
-            "flagged": float((p >= threshold).mean()),
-            "mean_prob": float(p.mean()),
-            "seconds": 0.0,
-        },
-    )
+    rows.insert(0, _row("overall (4 main sets)", np.concatenate(pooled_y), np.concatenate(pooled_p), threshold, 0.0))
     print(f"\ncheckpoint {args.ckpt}, threshold {threshold:g}, voxel size {args.voxel_size:g} mm")
     print("| set | n (motion) | BA | AUC | sensitivity | specificity | flagged as motion |")
     print("|---|---|---|---|---|---|---|")
