@@ -25,3 +25,18 @@ def save_small_model(path: Path, seed: int) -> Conv5FC3:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
     return net.eval()
+
+
+def unpublished_bundle(dest: Path) -> Path:
+    """A copy of the bundle's released sources (LICENSE, configs, docs, scripts) at ``dest`` without the
+    shipped weights and their ``large_files.yml``: a checkout whose own weights have no published hash."""
+    import shutil
+
+    from conftest import BUNDLE_ROOT
+
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(BUNDLE_ROOT / "LICENSE", dest / "LICENSE")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("configs", "docs", "scripts"):
+        shutil.copytree(BUNDLE_ROOT / folder, dest / folder, ignore=ignore)
+    return dest

@@ -23,7 +23,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from conftest import BUNDLE_ROOT, SMALL_SHAPE
-from ecosystem_helpers import save_small_model
+from ecosystem_helpers import save_small_model, unpublished_bundle
 from scripts.package import BUNDLE_NAME, build_package
 
 pytest.importorskip("monailabel", reason="monailabel is installed from requirements-monailabel.txt (--no-deps)")
@@ -49,7 +49,7 @@ def served(small_demo, tmp_path_factory) -> dict:
     """A released bundle (small random weights) and a studies folder holding three demo scans."""
     work = tmp_path_factory.mktemp("monailabel")
     save_small_model(work / "model.pt", seed=3)
-    with zipfile.ZipFile(build_package(BUNDLE_ROOT, work, weights=work / "model.pt")) as zf:
+    with zipfile.ZipFile(build_package(unpublished_bundle(work / "source"), work, weights=work / "model.pt")) as zf:
         zf.extractall(work / "bundles")
     studies = work / "studies"
     studies.mkdir()

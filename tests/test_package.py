@@ -18,7 +18,7 @@ import yaml
 from monai.bundle import ConfigWorkflow
 
 from conftest import BUNDLE_ROOT, SMALL_SHAPE
-from ecosystem_helpers import save_small_model
+from ecosystem_helpers import save_small_model, unpublished_bundle
 from scripts.integrity import WeightIntegrityError, file_hash, verify_file
 from scripts.package import BUNDLE_NAME, build_package, bundle_files, bundle_version, main, zip_name
 
@@ -55,6 +55,12 @@ def small_weights(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """The bundle's sources without the shipped weights: packaging other weights needs no published hash."""
+    return unpublished_bundle(tmp_path_factory.mktemp("source") / "bundle")
+
+
 def _run_bundle(*args: str, cwd: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"monai.bundle {args[0]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
@@ -65,8 +71,8 @@ def _probabilities(tsv_path: Path) -> dict[str, float]:
         return {Path(r["path"]).name: float(r["prob_motion"]) for r in csv.DictReader(f, delimiter="\t")}
 
 
-def test_zip_layout_and_reproducibility(small_weights, tmp_path):
-    out = build_package(BUNDLE_ROOT, tmp_path / "a", weights=small_weights)
+def test_zip_layout_and_reproducibility(source, small_weights, tmp_path):
+    out = build_package(source, tmp_path / "a", weights=small_weights)
     assert out.name == f"{BUNDLE_NAME}_v{VERSION}.zip" == zip_name(VERSION)
     with zipfile.ZipFile(out) as zf:
         names = zf.namelist()
@@ -78,7 +84,7 @@ def test_zip_layout_and_reproducibility(small_weights, tmp_path):
         assert "README.md" not in inner and "large_files.yml" not in inner  # weights shipped, nothing to fetch
         assert zf.read(f"{BUNDLE_NAME}/models/model.pt") == small_weights.read_bytes()
         assert json.loads(zf.read(f"{BUNDLE_NAME}/configs/metadata.json"))["version"] == VERSION
-    again = build_package(BUNDLE_ROOT, tmp_path / "b", weights=small_weights)
+    again = build_package(source, tmp_path / "b", weights=small_weights)
     assert file_hash(again) == file_hash(out)  # same inputs, same bytes
 
 
@@ -97,12 +103,12 @@ def test_version_must_be_in_changelog(tmp_path):
         bundle_version(tmp_path)
 
 
-def test_excluding_weights_needs_a_url_and_writes_sha256(small_weights, tmp_path):
+def test_excluding_weights_needs_a_url_and_writes_sha256(source, small_weights, tmp_path):
     with pytest.raises(ValueError, match="needs --weights_url"):
-        build_package(BUNDLE_ROOT, tmp_path, weights=small_weights, exclude_weights=True)
+        build_package(source, tmp_path, weights=small_weights, exclude_weights=True)
     with pytest.raises(FileNotFoundError, match="not found"):
-        build_package(BUNDLE_ROOT, tmp_path, weights=tmp_path / "missing.pt")
-    out = main(["--bundle_root", str(BUNDLE_ROOT), "--output_dir", str(tmp_path), "--weights", str(small_weights),
+        build_package(source, tmp_path, weights=tmp_path / "missing.pt")
+    out = main(["--bundle_root", str(source), "--output_dir", str(tmp_path), "--weights", str(small_weights),
                 "--exclude_weights", "--weights_url", "https://example.org/model.pt"])
     with zipfile.ZipFile(out) as zf:
         assert f"{BUNDLE_NAME}/models/model.pt" not in zf.namelist()
@@ -111,9 +117,9 @@ def test_excluding_weights_needs_a_url_and_writes_sha256(small_weights, tmp_path
                                      "hash_val": file_hash(small_weights), "hash_type": "sha256"}]}
 
 
-def test_download_with_url_then_inference_matches(small_weights, small_demo, http_dir, tmp_path):
+def test_download_with_url_then_inference_matches(source, small_weights, small_demo, http_dir, tmp_path):
     served, base_url = http_dir
-    out = build_package(BUNDLE_ROOT, served, weights=small_weights)
+    out = build_package(source, served, weights=small_weights)
     bundles = tmp_path / "bundles"
     _run_bundle("download", "--name", BUNDLE_NAME, "--version", VERSION, "--url", f"{base_url}/{out.name}",
                 "--bundle_dir", str(bundles), "--progress", "False", cwd=tmp_path)
@@ -144,14 +150,14 @@ def test_download_with_url_then_inference_matches(small_weights, small_demo, htt
     assert len(set(round(v, 6) for v in got.values())) == len(got)  # distinct scans, distinct answers
 
 
-def test_download_from_github_release_and_large_files(small_weights, http_dir, tmp_path, monkeypatch):
+def test_download_from_github_release_and_large_files(source, small_weights, http_dir, tmp_path, monkeypatch):
     """`--source github` asks for <name>_v<version>.zip of a release; the release host is redirected to 127.0.0.1."""
     import monai.bundle.scripts as bundle_scripts
 
     served, base_url = http_dir
     (served / "weights").mkdir()
     (served / "weights" / "model.pt").write_bytes(small_weights.read_bytes())
-    build_package(BUNDLE_ROOT, served, weights=small_weights, exclude_weights=True,
+    build_package(source, served, weights=small_weights, exclude_weights=True,
                   weights_url=f"{base_url}/weights/model.pt")
     requested = []
 
@@ -176,3 +182,15 @@ def test_download_from_github_release_and_large_files(small_weights, http_dir, t
     weights.write_bytes(bytes(data))
     with pytest.raises(WeightIntegrityError, match="failed its integrity check"):
         verify_file(weights, downloaded)
+
+
+def test_other_weights_than_the_published_ones_are_refused(small_weights, tmp_path):
+    """A bundle whose large_files.yml publishes a hash (the shipped weights) refuses to package other weights."""
+    if not (BUNDLE_ROOT / "large_files.yml").is_file():
+        pytest.skip("no published weights")
+    with pytest.raises(WeightIntegrityError, match="does not match"):
+        build_package(BUNDLE_ROOT, tmp_path, weights=small_weights)
+    out = build_package(BUNDLE_ROOT, tmp_path)  # the shipped weights themselves
+    with zipfile.ZipFile(out) as zf:
+        assert zf.read(f"{BUNDLE_NAME}/models/model.pt") == (BUNDLE_ROOT / "models" / "model.pt").read_bytes()
+        assert f"{BUNDLE_NAME}/models/threshold.json" in zf.namelist()
