@@ -176,3 +176,17 @@ def test_prepare_batch_never_puts_both_images_of_a_pair_in_one_pass():
         _, y = pb2({"image": img, "label": torch.tensor([[0, 1]])})
         labels_per_pass.add(tuple(sorted(y.tolist())))
     assert {(0, 0), (1, 1), (0, 1)} <= labels_per_pass  # the label mix of a pass is random
+
+
+def test_repeat_batches_mirrors_every_other_repeat():
+    batches = [{"image": torch.arange(16.0).reshape(1, 2, 2, 2, 2) + 100 * i, "label": torch.tensor([[0, 1]])}
+               for i in range(3)]
+    out = list(sh.RepeatBatches(batches, repeats=3))
+    assert len(sh.RepeatBatches(batches, repeats=3)) == len(out) == 9
+    for i, batch in enumerate(batches):
+        first, mirrored, again = out[3 * i: 3 * i + 3]
+        assert first is batch and again is batch
+        assert torch.equal(mirrored["image"], torch.flip(batch["image"], dims=(-3,)))
+        assert torch.equal(mirrored["label"], batch["label"])  # a mirrored moved head is still moved
+    with pytest.raises(ValueError, match="repeats"):
+        sh.RepeatBatches(batches, repeats=0)
