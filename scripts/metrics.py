@@ -440,15 +440,19 @@ def read_threshold(path: str | os.PathLike | None, default: float = 0.5) -> floa
 
     Use in a config: ``threshold: "$scripts.metrics.read_threshold('eval/.../threshold.json')"``.
     """
+    from scripts.common.values import as_probability
+
+    default = as_probability(default, "default_threshold")  # checked even when a file wins
     if not path:
-        return float(default)
+        return default
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"threshold file {path} does not exist (written by configs/evaluate.yaml).")
-    value = json.loads(path.read_text()).get("threshold")
-    if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+    data = json.loads(path.read_text())
+    value = data.get("threshold") if isinstance(data, dict) else None
+    if isinstance(value, str):  # a number written as text is as wrong as a boolean here
         raise ValueError(f"{path}: 'threshold' must be a number in [0, 1], got {value!r}.")
-    return float(value)
+    return as_probability(value, f"{path}: 'threshold'")
 
 
 def evaluation_statistics(

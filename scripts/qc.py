@@ -44,6 +44,8 @@ import numpy as np
 import torch
 
 from scripts import performance
+from scripts.common.grid import T1_LINEAR_ORIGIN, grid_voxel, t1_linear_grid
+from scripts.common.values import as_bool, as_probability
 from scripts.datalist import bids_entities, load_datalist
 
 __all__ = [
@@ -76,14 +78,15 @@ QC_STATUSES: dict[str, str] = {
     "low_resolution": "voxels coarser than max_voxel_mm along an axis (thick slices)",
     "non_finite": "NaN or infinite voxels",
     "empty": "no usable intensities (all zero, constant or almost empty)",
-    "not_brain": "a t1-linear-space image that does not look like a brain (low correlation with the template)",
+    "not_brain": "not a T1w brain in t1-linear space (low smoothed correlation with the template, upside down, "
+    "or a label map)",
     "wrong_space": "input_space is t1_linear but the image is not on the t1-linear grid",
     "dicom_missing_slice": "a DICOM series with a gap of about a slice or more",
     "dicom_nonuniform_spacing": "a DICOM series with unequal slice spacing or non-parallel slices",
     "registration_failed": "ITK failed during bias correction or registration",
     "registration_diverged": "the registration to the template is implausible (reflection, scaling, low correlation)",
     "out_of_memory": "the network ran out of memory on this scan, even alone",
-    "inference_failed": "the network raised an error on this scan",
+    "inference_failed": "the network raised an error on this scan, or its output was not finite (NaN)",
     "worker_crashed": "the process handling this scan died twice with the scan alone (out-of-memory killer?)",
     "internal_error": "an unexpected exception (a bug); the reason holds its type and message",
 }
@@ -107,8 +110,6 @@ TSV_COLUMNS = (
 
 #: File suffixes read as one volume; folders are read as DICOM series.
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".img", ".hdr", ".dcm")
-_T1_LINEAR_ORIGIN = (-84.0, -119.0, -78.0)
-_T1_LINEAR_EXTENT = (168.0, 207.0, 178.0)
 _ATTEMPTS = "attempts-rank{rank}.jsonl"
 _JOURNAL = "journal-rank{rank}.jsonl"
 
@@ -234,36 +235,6 @@ def thumbnail_name(path: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # per-scan loading (worker processes)
 # ---------------------------------------------------------------------------------------------
-def _grid_voxel(spatial_size: Sequence[int]) -> float:
-    """Voxel size (mm) of the t1-linear box sampled on ``spatial_size`` (1 for 169x208x179, 4 for 43x52x45)."""
-    return _T1_LINEAR_EXTENT[0] / (int(spatial_size[0]) - 1)
-
-
-_TEMPLATES: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-
-
-def _template_on_grid(spatial_size: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Template intensities, brain mask and a 4-12 mm shell outside the brain on the QC grid (cached)."""
-    key = tuple(int(s) for s in spatial_size)
-    if key not in _TEMPLATES:
-        from scipy import ndimage
-
-        from scripts.preprocessing.template import template_on_crop_grid
-
-        template, mask = template_on_crop_grid()
-        voxel = _grid_voxel(key)
-        step = int(round(voxel))
-        if abs(voxel - step) < 1e-6 and tuple(template[::step, ::step, ::step].shape) == key:  # a sub-grid: exact
-            template, mask = template[::step, ::step, ::step].astype(np.float32), mask[::step, ::step, ::step]
-        else:
-            coords = np.meshgrid(*[np.arange(n) * voxel for n in key], indexing="ij")
-            template = ndimage.map_coordinates(template, coords, order=1, mode="constant").astype(np.float32)
-            mask = ndimage.map_coordinates(mask.astype(np.float32), coords, order=0, mode="constant") > 0.5
-        dist = ndimage.distance_transform_edt(~mask, sampling=voxel)
-        _TEMPLATES[key] = (template, mask, (dist >= 4.0) & (dist <= 12.0))
-    return _TEMPLATES[key]
-
-
 def _read_nifti(path: Path) -> Any:
     """Read a NIfTI file with nibabel (as MONAI's LoadImage does), checking it fully, into a RAS ITK image.
 
@@ -311,8 +282,11 @@ class ScanLoader:
         normalize: callable on ``{"image": MetaTensor}`` (the config's intensity normalisation).
         input_space: ``"auto"`` (t1-linear if shape and affine say so), ``"t1_linear"`` or ``"raw"``.
         max_voxel_mm: raw scans with a voxel coarser than this along an axis get ``low_resolution``.
-        min_brain_correlation: t1-linear images correlating less with the template (inside its brain
-            mask) get ``not_brain``.
+        min_brain_correlation: t1-linear images whose smoothed correlation with the template (inside
+            its brain mask, :mod:`scripts.preprocessing.quality`) is lower get ``not_brain``.
+        doubtful_brain_correlation: below this (and above ``min_brain_correlation``) the scan is
+            scored with a ``warning`` asking to check that it is a T1w brain. Motion never lowers the
+            smoothed correlation to these levels on the calibration set (docs/gates.md).
         min_skull_ratio: mean intensity 4-12 mm outside the brain over the mean inside it; below
             this the image looks skull-stripped (``warning``; the model was trained on heads).
         t1_linear_settings: settings of :func:`scripts.preprocessing.preprocess_t1_linear`.
@@ -326,6 +300,7 @@ class ScanLoader:
         input_space: str = "auto",
         max_voxel_mm: float = 3.0,
         min_brain_correlation: float = 0.4,
+        doubtful_brain_correlation: float = 0.5,
         min_skull_ratio: float = 0.1,
         t1_linear_settings: Mapping[str, Any] | None = None,
         attempts_path: str | os.PathLike | None = None,
@@ -337,6 +312,7 @@ class ScanLoader:
         self.input_space = input_space
         self.max_voxel_mm = float(max_voxel_mm)
         self.min_brain_correlation = float(min_brain_correlation)
+        self.doubtful_brain_correlation = float(doubtful_brain_correlation)
         self.min_skull_ratio = float(min_skull_ratio)
         self.t1_linear_settings = dict(t1_linear_settings or {})
         self.attempts_path = str(attempts_path) if attempts_path else None
@@ -428,10 +404,8 @@ class ScanLoader:
         warnings += self._brain_checks(array)
         from monai.data import MetaTensor
 
-        from scripts.demo import t1_linear_grid
-
         tensor = MetaTensor(
-            torch.from_numpy(array)[None], affine=torch.as_tensor(t1_linear_grid(_grid_voxel(self.spatial_size))[1])
+            torch.from_numpy(array)[None], affine=torch.as_tensor(t1_linear_grid(grid_voxel(self.spatial_size))[1])
         )
         tensor.meta["filename_or_obj"] = path
         if self.normalize is not None:
@@ -444,9 +418,9 @@ class ScanLoader:
     def _space(self, shape: Sequence[int], affine: np.ndarray, path: Path) -> str:
         on_grid = tuple(shape) == self.spatial_size
         if on_grid:
-            voxel = _grid_voxel(self.spatial_size)
+            voxel = grid_voxel(self.spatial_size)
             expected = np.diag([voxel, voxel, voxel, 1.0])
-            expected[:3, 3] = _T1_LINEAR_ORIGIN
+            expected[:3, 3] = T1_LINEAR_ORIGIN
             on_grid = bool(np.allclose(affine[:3, :3], expected[:3, :3], atol=1e-3 * voxel)) and bool(
                 np.allclose(affine[:3, 3], expected[:3, 3], atol=0.5 * voxel)
             )
@@ -467,32 +441,35 @@ class ScanLoader:
         if array.shape != self.spatial_size:
             from scipy import ndimage
 
-            voxel = _grid_voxel(self.spatial_size)
+            voxel = grid_voxel(self.spatial_size)
             coords = np.meshgrid(*[np.arange(n) * voxel for n in self.spatial_size], indexing="ij")
             array = ndimage.map_coordinates(array, coords, order=1, mode="nearest").astype(np.float32)
         return array
 
+    def warm_up(self) -> None:
+        """Compute the template references once (forked workers inherit them)."""
+        from scripts.preprocessing.quality import BrainGate, template_on_grid
+
+        template_on_grid(self.spatial_size)
+        BrainGate().check(np.zeros(self.spatial_size, dtype=np.float32))
+
     def _brain_checks(self, array: np.ndarray) -> list[str]:
-        template, mask, shell = _template_on_grid(self.spatial_size)
-        a = array[mask].astype(np.float64)
-        b = template[mask].astype(np.float64)
-        a, b = a - a.mean(), b - b.mean()
-        denom = math.sqrt(float((a * a).sum() * (b * b).sum()))
-        corr = float((a * b).sum() / denom) if denom > 0 else 0.0
-        if corr < self.min_brain_correlation:
-            raise QCError(
-                "not_brain",
-                f"correlation with the MNI template inside its brain mask is {corr:.2f} "
-                f"(< {self.min_brain_correlation:g}): not a brain in t1-linear space",
-            )
+        from scripts.preprocessing.quality import BrainGate, template_on_grid
+
+        gate = BrainGate(refuse_below=self.min_brain_correlation, doubt_below=self.doubtful_brain_correlation)
+        verdict, reason, _ = gate.check(array)
+        if verdict == "not_brain":
+            raise QCError("not_brain", reason)
+        warnings = [reason] if verdict == "doubtful" else []
+        _, mask, shell = template_on_grid(self.spatial_size)
         inside = float(np.abs(array[mask]).mean())
         ratio = float(np.abs(array[shell]).mean()) / inside if inside > 0 else 0.0
         if ratio < self.min_skull_ratio:
-            return [
+            warnings.append(
                 f"looks skull-stripped (signal 4-12 mm outside the brain is {ratio:.2f} of the brain's, "
                 f"< {self.min_skull_ratio:g}); the model was trained on images with skull and scalp"
-            ]
-        return []
+            )
+        return warnings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,7 +620,7 @@ class QCJob:
         self.loader = loader
         self.ckpt_path = ckpt_path
         self.bundle_root = bundle_root
-        self.threshold = float(threshold)
+        self.threshold = as_probability(threshold, "threshold")
         self.device = torch.device(device)
         self.batch_size = max(1, int(batch_size))
         self.num_workers = max(0, int(num_workers))
@@ -652,15 +629,15 @@ class QCJob:
         self.inferer = inferer
         self.saliency = saliency
         self.saliency_layer = saliency_layer
-        self.thumbnails = bool(thumbnails)
-        self.report = bool(report)
+        self.thumbnails = as_bool(thumbnails, "thumbnails")
+        self.report = as_bool(report, "report")
         self.report_page_size = int(report_page_size)
-        self.progress = bool(progress)
+        self.progress = as_bool(progress, "progress")
         self.flush_every = max(1, int(flush_every))
-        self.strict = bool(strict)
+        self.strict = as_bool(strict, "strict")
         self.multiprocessing_context = multiprocessing_context
-        self.channels_last = bool(channels_last)
-        self.tune_allocator = bool(tune_allocator)
+        self.channels_last = as_bool(channels_last, "channels_last")
+        self.tune_allocator = as_bool(tune_allocator, "tune_allocator")
         dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank = int(rank) if rank is not None else (torch.distributed.get_rank() if dist_on else 0)
         self.world_size = (
@@ -712,7 +689,7 @@ class QCJob:
             len(items),
         )
         if pending:  # computed once here, inherited by forked workers
-            _template_on_grid(self.loader.spatial_size)
+            self.loader.warm_up()
         self._journal_file = open(self.state_dir / _JOURNAL.format(rank=self.rank), "a")
         if self.progress:
             from tqdm import tqdm
@@ -887,6 +864,9 @@ class QCJob:
                 r["seconds"] += share
                 if prob is None:
                     r.update(status=code, reason=reason)
+                    continue
+                if not math.isfinite(prob):  # a broken network must not read as "no motion"
+                    r.update(status="inference_failed", reason=f"the network's motion probability is {prob}")
                     continue
                 r["prob_motion"] = prob
                 if self.thumbnails:

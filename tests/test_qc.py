@@ -102,9 +102,9 @@ def _make_batch(root: Path, small_demo: Path) -> dict[str, tuple[Path, str]]:
 
     smooth = ndimage.gaussian_filter(rng.random(data.shape), 3).astype(np.float32) * 1000
     cases["non_brain"] = (_save(smooth, affine, b / "nonbrain.nii.gz"), "not_brain")
-    from scripts.qc import _template_on_grid
+    from scripts.preprocessing.quality import template_on_grid
 
-    _, mask, _ = _template_on_grid(SMALL_SHAPE)
+    _, mask, _ = template_on_grid(SMALL_SHAPE)
     cases["skull_stripped"] = (_save(data * mask, affine, b / "stripped.nii.gz"), "warning")
     flip = affine.copy()  # the same world image stored left-right flipped (radiological, LAS)
     flip[:3, 0] = -affine[:3, 0]
@@ -380,3 +380,65 @@ def test_allocator_is_tuned_once_per_run(small_demo, tmp_path, monkeypatch, enab
                 progress=False, tune_allocator=enable)
     assert job.run() == {"ok": 3}
     assert calls == [enable]
+
+
+class _NaNNet(torch.nn.Module):
+    """A broken network: NaN logits (issue 14, defect 2)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * float("nan")
+
+
+@pytest.mark.parametrize("saliency", ["none", "gradcam"])
+def test_non_finite_network_output_is_an_error_not_no_motion(small_demo, tmp_path, saliency):
+    net = _NaNNet(save_small_model(tmp_path / "m.pt", seed=3))
+    job = QCJob(
+        input=[str(s) for s in _demo_scans(small_demo)[:2]],
+        network=net,
+        output_dir=tmp_path / "out",
+        loader=ScanLoader(SMALL_SHAPE),
+        num_workers=0,
+        saliency=saliency,
+        saliency_layer="net.convolutions.14",
+        thumbnails=saliency == "gradcam",
+        report=True,
+        progress=False,
+    )
+    assert job.run() == {"inference_failed": 2}
+    for row in read_qc_table(tmp_path / "out" / "qc.tsv"):
+        assert row["decision"] == "" and row["prob_motion"] == "" and "nan" in row["reason"]
+    assert "NaN" not in (tmp_path / "out" / "qc_report.html").read_text()
+
+
+def test_option_strings_are_parsed_and_thresholds_validated(tmp_path):
+    """`--thumbnails false` / `--strict false` mean false; thresholds outside [0, 1], NaN or booleans stop the job."""
+    from scripts.metrics import read_threshold
+
+    net = save_small_model(tmp_path / "m.pt", seed=3)
+    kwargs = {"input": [], "network": net, "output_dir": tmp_path / "o", "loader": ScanLoader(SMALL_SHAPE)}
+    job = QCJob(**kwargs, thumbnails="false", strict="false", report="False", progress="0", channels_last="true")
+    assert (job.thumbnails, job.strict, job.report, job.progress, job.channels_last) == (
+        False,
+        False,
+        False,
+        False,
+        True,
+    )
+    with pytest.raises(ValueError, match="strict must be true or false"):
+        QCJob(**kwargs, strict="flase")
+    for bad in (2, -0.1, float("nan"), "nan", True, "high"):
+        with pytest.raises(ValueError, match="threshold must be a number in"):
+            QCJob(**kwargs, threshold=bad)
+    assert QCJob(**kwargs, threshold="0.25").threshold == 0.25
+    for bad in ("true", "2", "NaN", '"0.5"', "[0.5]"):
+        (tmp_path / "t.json").write_text('{"threshold": %s}' % bad)
+        with pytest.raises(ValueError, match="'threshold' must be a number in"):
+            read_threshold(tmp_path / "t.json")
+    with pytest.raises(ValueError, match="default_threshold"):
+        read_threshold(None, default=2)
+    (tmp_path / "t.json").write_text('{"threshold": 0.3}')
+    assert read_threshold(tmp_path / "t.json") == 0.3

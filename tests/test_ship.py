@@ -75,32 +75,50 @@ def test_shipped_weights_hash_size_and_keys():
     assert 0.0 < threshold["threshold"] < 1.0
 
 
-@pytest.mark.skipif(not SHIPPED.is_file(), reason="no shipped weights in models/")
-@pytest.mark.xfail(
-    strict=False,
-    reason="not met by the 0.3.0 weights: the not_brain gate refuses some moved demo heads (issue 13) and the "
-    "detector's held-out AUC is 0.72 (issue 12, docs/README.md#held-out-generalisation); passes when both are fixed",
-)
-def test_qc_job_on_demo_scans_with_the_shipped_model(tmp_path):
-    """Out of the box: clean, mildly and severely moved demo scans (1 mm) through the QC job, right decisions."""
+@pytest.fixture(scope="module")
+def demo_qc(tmp_path_factory):
+    """The QC job with the shipped model over clean, mildly and severely moved demo scans (1 mm):
+    ``(rows of qc.tsv, {resolved path: true grade})``."""
     from scripts.demo import make_clinical_demo
 
-    tsv = make_clinical_demo(tmp_path / "demo", n_participants=6, seed=4, voxel_size=1.0, reject_fraction=0.0,
+    if not SHIPPED.is_file():
+        pytest.skip("no shipped weights in models/")
+
+    root = tmp_path_factory.mktemp("demo_qc")
+    tsv = make_clinical_demo(root / "demo", n_participants=6, seed=4, voxel_size=1.0, reject_fraction=0.0,
                              grade_probs=(0.34, 0.33, 0.33))
     with tsv.open() as f:
-        truth = {str((tmp_path / "demo" / r["image"]).resolve()): int(r["true_grade"])
+        truth = {str((root / "demo" / r["image"]).resolve()): int(r["true_grade"])
                  for r in csv.DictReader(f, delimiter="\t")}
     assert set(truth.values()) == {0, 1, 2}
-    out = tmp_path / "qc"
+    out = root / "qc"
     subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
-                    "--input", str(tmp_path / "demo"), "--output_dir", str(out), "--num_workers", "0",
+                    "--input", str(root / "demo"), "--output_dir", str(out), "--num_workers", "0",
                     "--thumbnails", "false"], cwd=BUNDLE_ROOT, check=True, capture_output=True, timeout=900)
     with (out / "qc.tsv").open() as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     assert len(rows) == len(truth)
-    by_grade: dict[int, list[dict]] = {0: [], 1: [], 2: []}
+    return rows, truth
+
+
+def test_qc_job_scores_every_demo_scan_clean_or_moved(demo_qc):
+    """Out of the box: no demo head, clean or moved, is refused by a gate; each gets a probability."""
+    rows, _ = demo_qc
     for r in rows:
         assert r["status"] in ("ok", "warning"), r
+        assert 0.0 <= float(r["prob_motion"]) <= 1.0
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="not met by the shipped weights: the detector's held-out AUC is below the goal (issue 12, "
+    "docs/README.md#held-out-generalisation); passes when it is",
+)
+def test_qc_job_on_demo_scans_with_the_shipped_model(demo_qc):
+    """Out of the box: clean, mildly and severely moved demo scans get the right decisions."""
+    rows, truth = demo_qc
+    by_grade: dict[int, list[dict]] = {0: [], 1: [], 2: []}
+    for r in rows:
         by_grade[truth[str(Path(r["path"]).resolve())]].append(r)
     assert all(r["decision"] == "no_motion" for r in by_grade[0]), by_grade[0]
     assert all(r["decision"] == "motion" for r in by_grade[2]), by_grade[2]

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-__all__ = ["T1_LINEAR_ORIGIN", "T1_LINEAR_EXTENT", "t1_linear_grid"]
+__all__ = ["T1_LINEAR_ORIGIN", "T1_LINEAR_EXTENT", "t1_linear_grid", "grid_voxel"]
 
 #: world coordinates (mm) of the first voxel of Clinica's t1-linear crop, and its extent (last - first).
 T1_LINEAR_ORIGIN = (-84.0, -119.0, -78.0)
@@ -22,3 +22,8 @@ def t1_linear_grid(voxel_size: float = 1.0) -> tuple[tuple[int, int, int], np.nd
     affine = np.diag([voxel_size, voxel_size, voxel_size, 1.0])
     affine[:3, 3] = T1_LINEAR_ORIGIN
     return shape, affine  # type: ignore[return-value]
+
+
+def grid_voxel(shape: tuple[int, ...] | list[int]) -> float:
+    """Voxel size (mm) of the grid sampling the t1-linear box with ``shape`` voxels (1 for 169x208x179)."""
+    return T1_LINEAR_EXTENT[0] / (int(shape[0]) - 1)

@@ -17,7 +17,8 @@ Steps (times are for a 1 mm head on 2 cores):
    multi-resolution, regular-step gradient descent), template = fixed image, sampled only inside the
    (slightly dilated) template brain mask, so the skull and neck of the scan do not pull.
 5. one linear resampling of the bias-corrected scan into the crop box.
-6. quality: Pearson correlation of the result with the template inside the template brain mask;
+6. quality: correlation of the smoothed result with the smoothed template inside the template brain mask
+   (:mod:`scripts.preprocessing.quality`, shared with the QC job's ``not_brain`` gate);
    the affine's scalings are checked too. Both guard against a diverged registration.
 """
 
@@ -37,7 +38,8 @@ import SimpleITK as sitk  # noqa: N813 - the alias of SimpleITK's own documentat
 
 from .errors import PreprocessingError
 from .io import LPS_TO_RAS, image_to_array, image_to_nifti, nifti_to_image, read_image
-from .template import crop_reference, load_template, template_on_crop_grid
+from .quality import template_similarity
+from .template import crop_reference, load_template
 
 __all__ = ["PreprocessingResult", "T1LinearSettings", "preprocess_t1_linear", "ras_matrix", "register"]
 
@@ -68,8 +70,11 @@ class T1LinearSettings:
         histogram_bins: Mattes mutual information bins.
         mask_dilation_mm: dilation of the template brain mask used as the metric's sampling mask.
         seed: seed of the random metric sampling (results are reproducible for a given seed).
-        min_correlation: below this Pearson correlation with the template (inside its brain mask)
-            the registration counts as diverged.
+        min_correlation: below this smoothed correlation with the template inside its brain mask
+            (:func:`~scripts.preprocessing.quality.template_similarity`, the measure of the QC job's
+            ``not_brain`` gate) the registration counts as diverged.
+        doubtful_correlation: below this (and above ``min_correlation``) the result is kept with a
+            note asking to check the alignment. Motion does not lower the measure (docs/gates.md).
         scale_range: allowed range of the affine's singular values (scalings); outside it, or with
             a reflection, the registration counts as diverged.
         threads: ITK threads for this process (``None``: leave ITK's default).
@@ -90,7 +95,8 @@ class T1LinearSettings:
     histogram_bins: int = 32
     mask_dilation_mm: int = 3
     seed: int = 0
-    min_correlation: float = 0.5
+    min_correlation: float = 0.4
+    doubtful_correlation: float = 0.5
     scale_range: tuple[float, float] = (0.67, 1.5)
     threads: int | None = None
 
@@ -128,8 +134,8 @@ class PreprocessingResult:
         notes: remarks that do not make the scan fail (e.g. which DICOM series was read).
         seconds: wall time of the whole scan (s).
         step_seconds: wall time per step (s): read, n4, register, resample, quality (+ write).
-        correlation: Pearson correlation of the output with the template inside the template
-            brain mask (registration quality; ~0.9 when good, below ``min_correlation`` diverged).
+        correlation: smoothed correlation of the output with the template inside the template
+            brain mask (registration quality; 0.6-0.95 when good, below ``min_correlation`` diverged).
         metric: final Mattes mutual information of the affine stage (negative; lower is better).
         scales: singular values of the affine's linear part (1 = no scaling).
         matrix: 4x4 affine mapping template RAS mm to scan RAS mm (``None`` if never computed).
@@ -415,17 +421,6 @@ def register(
     return affine, metric
 
 
-def _quality(cropped: np.ndarray) -> float:
-    """Pearson correlation of a crop-grid image with the template inside the template brain mask."""
-    template, mask = template_on_crop_grid()
-    a = cropped[mask].astype(np.float64)
-    b = template[mask].astype(np.float64)
-    a -= a.mean()
-    b -= b.mean()
-    denom = float(np.sqrt((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / denom) if denom > 0 else 0.0
-
-
 # ----------------------------------------------------------------------------------------------
 # entry point
 # ----------------------------------------------------------------------------------------------
@@ -491,7 +486,7 @@ def preprocess_t1_linear(
     t = lap("resample", t)
 
     array = image_to_array(cropped)
-    result.correlation = _quality(array)
+    result.correlation = template_similarity(array)
     matrix = ras_matrix(transform)
     result.matrix = matrix.tolist()
     result.transform = transform
@@ -507,8 +502,15 @@ def preprocess_t1_linear(
         problems.append(f"implausible scalings {tuple(round(s, 3) for s in result.scales)} (allowed {low}..{high})")
     if not result.correlation >= settings.min_correlation:
         problems.append(
-            f"correlation with the template {result.correlation:.3f} < {settings.min_correlation} inside the brain mask"
+            f"smoothed correlation with the template {result.correlation:.3f} < {settings.min_correlation} "
+            "inside the brain mask"
         )
+    if not problems and result.correlation < settings.doubtful_correlation:
+        doubt = (
+            f"doubtful alignment: smoothed correlation with the template {result.correlation:.3f} "
+            f"< {settings.doubtful_correlation}"
+        )
+        result.notes = "; ".join(n for n in (result.notes, doubt) if n)
     if problems:
         err = PreprocessingError(name, "registration_diverged", "; ".join(problems))
         result.status, result.reason = err.code, err.reason
