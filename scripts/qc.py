@@ -191,14 +191,19 @@ def collect_inputs(source: str | os.PathLike | Iterable[Any], datalist_key: str 
         elif path.suffix.lower() == ".json":
             items = load_datalist(path, datalist_key)
         elif path.suffix.lower() in (".csv", ".tsv"):
-            with path.open(newline="") as f:
+            with path.open(newline="", encoding="utf-8-sig") as f:  # a spreadsheet's byte-order mark is not a column
                 rows = list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
             column = next((c for c in ("image", "path") if rows and c in rows[0]), None)
             if rows and column is None:
                 raise ValueError(f"{path} needs an 'image' or 'path' column.")
             items = []
-            for row in rows:
-                image = Path(os.path.expanduser(row.pop(column)))
+            for line, row in enumerate(rows, start=2):
+                cell = (row.pop(column) or "").strip()
+                row = {k: v for k, v in row.items() if isinstance(k, str) and v is not None}  # short/long lines
+                if not cell:  # still an input: it gets a not_found row naming the line
+                    items.append({**row, "image": f"{path} line {line}: empty '{column}' cell"})
+                    continue
+                image = Path(os.path.expanduser(cell))
                 items.append({**row, "image": str(image if image.is_absolute() else path.parent / image)})
         else:
             items = [{"image": str(path)}]
@@ -235,6 +240,37 @@ def thumbnail_name(path: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # per-scan loading (worker processes)
 # ---------------------------------------------------------------------------------------------
+def _check_nifti_bytes(path: Path, img: Any) -> None:
+    """Refuse, before allocating anything, a NIfTI file holding fewer bytes than its header declares
+    (a 73-byte file can claim 1450^3 voxels), or a ``.nii.gz`` with a broken gzip stream (CRC error,
+    truncation; nibabel stops reading at the declared size and never sees the gzip trailer)."""
+    import gzip
+    import zlib
+
+    header = img.header
+    if np.iscomplexobj(np.empty(0, dtype=header.get_data_dtype())):
+        raise QCError("not_3d", f"complex-valued voxels ({header.get_data_dtype()}); a magnitude image is needed")
+    declared = int(header.get_data_offset()) + int(np.prod(header.get_data_shape(), dtype=np.int64)) * int(
+        header.get_data_dtype().itemsize
+    )
+    if path.name.lower().endswith(".gz"):
+        total = 0
+        try:
+            with gzip.open(path, "rb") as f:
+                while chunk := f.read(1 << 22):  # streamed: the CRC is checked at the end of the stream
+                    total += len(chunk)
+                    if total > declared + (1 << 30):
+                        break  # far more data than declared: not a size problem, stop reading
+        except (OSError, EOFError, zlib.error) as err:
+            raise QCError("unreadable", f"broken gzip stream ({type(err).__name__}: {str(err)[:200]})") from None
+    else:
+        total = path.stat().st_size
+    if total < declared:
+        raise QCError(
+            "unreadable", f"truncated: the header declares {declared:,} bytes of image, the file holds {total:,}"
+        )
+
+
 def _read_nifti(path: Path) -> Any:
     """Read a NIfTI file with nibabel (as MONAI's LoadImage does), checking it fully, into a RAS ITK image.
 
@@ -255,6 +291,7 @@ def _read_nifti(path: Path) -> Any:
         if len(shape) != 3:
             extra = f" with {shape[3]} volumes" if len(shape) == 4 else ""
             raise QCError("not_3d", f"{len(shape)}D image{extra} (shape {tuple(img.shape)})")
+        _check_nifti_bytes(path, img)
         data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
     except QCError:
         raise
@@ -429,6 +466,14 @@ class ScanLoader:
         if self.input_space == "t1_linear":
             if tuple(shape) != self.spatial_size:
                 raise QCError("wrong_space", f"shape {tuple(shape)} is not the t1-linear grid {self.spatial_size}")
+            if not on_grid:
+                spacing = tuple(round(float(v), 3) for v in np.linalg.norm(affine[:3, :3], axis=0))
+                origin = tuple(round(float(v), 1) for v in affine[:3, 3])
+                raise QCError(
+                    "wrong_space",
+                    f"the affine (voxel {spacing} mm, origin {origin} mm, RAS) is not the t1-linear grid's "
+                    f"(voxel {grid_voxel(self.spatial_size):g} mm, origin {T1_LINEAR_ORIGIN} mm, no rotation)",
+                )
             return "t1_linear"
         return "t1_linear" if on_grid else "raw"
 

@@ -442,3 +442,55 @@ def test_option_strings_are_parsed_and_thresholds_validated(tmp_path):
         read_threshold(None, default=2)
     (tmp_path / "t.json").write_text('{"threshold": 0.3}')
     assert read_threshold(tmp_path / "t.json") == 0.3
+
+
+def test_hostile_files_are_refused_before_allocation(small_demo, tmp_path):
+    """Issue 14 defects 10-12 and complex data: a header claiming 1450^3 voxels in a tiny file, a gzip CRC
+    error, a t1-linear-shaped image on another affine, complex voxels."""
+    import struct
+
+    loader = ScanLoader(SMALL_SHAPE, input_space="t1_linear")
+    scan = _demo_scans(small_demo)[0]
+    good = nib.load(str(scan))
+    header = nib.Nifti1Header()
+    header.set_data_shape((1450, 1450, 1450))
+    header.set_data_dtype(np.float32)
+    bomb = tmp_path / "bomb.nii.gz"
+    bomb.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4 + b"\0" * 16))
+    crc = tmp_path / "crc.nii.gz"
+    blob = bytearray(gzip.compress(scan.read_bytes() if not scan.name.endswith(".gz") else gzip.decompress(scan.read_bytes())))
+    struct.pack_into("<I", blob, len(blob) - 8, (struct.unpack_from("<I", blob, len(blob) - 8)[0] + 1) % 2**32)
+    crc.write_bytes(bytes(blob))
+    assert nib.load(str(crc)).get_fdata().shape == SMALL_SHAPE  # nibabel alone does not notice
+    affine = good.affine.copy()
+    affine[:3, :3] *= 0.5  # same shape, half the voxel size
+    oblique = good.affine.copy()
+    c, s_ = np.cos(np.radians(30)), np.sin(np.radians(30))
+    oblique[:3, :3] = oblique[:3, :3] @ np.array([[c, -s_, 0], [s_, c, 0], [0, 0, 1]])
+    cases = {
+        bomb: ("unreadable", "the header declares"),
+        crc: ("unreadable", "broken gzip stream"),
+        _save(np.asarray(good.dataobj), affine, tmp_path / "small_vox.nii.gz"): ("wrong_space", "not the t1-linear grid"),
+        _save(np.asarray(good.dataobj), oblique, tmp_path / "oblique.nii.gz"): ("wrong_space", "not the t1-linear grid"),
+        _save(np.asarray(good.dataobj).astype(np.complex64), good.affine, tmp_path / "cplx.nii"): ("not_3d", "complex"),
+        scan: ("ok", ""),
+    }
+    for path, (status, words) in cases.items():
+        out = loader({"image": str(path)})
+        assert out["status"] == status and words in out["reason"], (path.name, out["status"], out["reason"])
+
+
+def test_csv_lists_with_a_byte_order_mark_and_missing_cells(small_demo, tmp_path):
+    """Issue 14 defect 13: a spreadsheet's UTF-8 BOM is not part of the column name; a line with a missing or
+    extra cell still gives one input (a missing path gets a not_found row naming the line)."""
+    scans = _demo_scans(small_demo)[:2]
+    listing = tmp_path / "list.csv"
+    listing.write_text("\ufeffimage,participant_id\n" f"{scans[0]},sub-A\n" f"{scans[1]}\n" ",sub-C\n"
+                       f"{scans[0].parent / 'x.nii.gz'},sub-D,extra\n", encoding="utf-8")
+    items = collect_inputs(listing)
+    assert len(items) == 4
+    assert items[0]["image"] == str(scans[0]) and items[0]["participant_id"] == "sub-A"
+    assert items[1]["image"] == str(scans[1])
+    assert "line 4" in items[2]["image"] and items[2]["participant_id"] == "sub-C"
+    assert None not in items[3]
+    assert ScanLoader(SMALL_SHAPE)(items[2])["status"] == "not_found"
