@@ -234,7 +234,7 @@ def bundle_version(bundle_root: str | os.PathLike = ".") -> str:
 
 def thumbnail_name(path: str) -> str:
     """File name of a scan's thumbnail (JPEG) inside ``<output_dir>/qc_thumbnails``."""
-    return hashlib.sha1(path.encode()).hexdigest()[:20] + ".jpg"
+    return hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:20] + ".jpg"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,8 +551,8 @@ def read_journal(state_dir: str | os.PathLike, model_sha256: str | None = None) 
 
 
 def read_qc_table(path: str | os.PathLike) -> list[dict[str, str]]:
-    """Rows of a ``qc.tsv``."""
-    with open(path, newline="") as f:
+    """Rows of a ``qc.tsv`` (paths that are not UTF-8 come back as the same ``str`` they were written from)."""
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         return list(csv.DictReader(f, delimiter="\t"))
 
 
@@ -560,7 +560,8 @@ def _write_table(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     from scripts.preprocessing.io import atomic_write
 
     def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
+        # a file name that is not UTF-8 (os.listdir gives it surrogate escapes) is written as its own bytes
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             writer = csv.DictWriter(f, fieldnames=TSV_COLUMNS, delimiter="\t", extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)

@@ -260,4 +260,5 @@ red outline around the strongest part.</p>
 <script>{_SCRIPT}</script>
 </body></html>
 """
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    # a non-UTF-8 file name (surrogate escapes) shows as \udcff escapes instead of failing the report
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="backslashreplace"))

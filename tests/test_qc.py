@@ -494,3 +494,23 @@ def test_csv_lists_with_a_byte_order_mark_and_missing_cells(small_demo, tmp_path
     assert "line 4" in items[2]["image"] and items[2]["participant_id"] == "sub-C"
     assert None not in items[3]
     assert ScanLoader(SMALL_SHAPE)(items[2])["status"] == "not_found"
+
+
+def test_a_file_name_that_is_not_utf8_gets_its_row_and_the_table_is_written(small_demo, tmp_path):
+    """Issue 14 defect 1: one non-UTF-8 file name beside good scans used to fail writing qc.tsv on every run."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    scans = _demo_scans(small_demo)[:2]
+    shutil.copy(scans[0], folder / "sub-A_T1w.nii.gz")
+    odd = os.path.join(os.fsencode(folder), b"sub-B\xff_T1w.nii.gz")
+    with open(odd, "wb") as f:
+        f.write(scans[1].read_bytes())
+    net = save_small_model(tmp_path / "m.pt", seed=3)
+    for _ in range(2):  # the re-run reads the table back and finds both rows recorded
+        job = QCJob(input=str(folder), network=net, output_dir=tmp_path / "out", loader=ScanLoader(SMALL_SHAPE),
+                    num_workers=0, saliency="gradcam", thumbnails=True, report=True, progress=False)
+        job.run()
+        rows = read_qc_table(tmp_path / "out" / "qc.tsv")
+        assert sorted(r["status"] for r in rows) == ["ok", "ok"]
+        assert os.fsdecode(odd) in {r["path"] for r in rows}
+    assert (tmp_path / "out" / "qc_report.html").is_file()
