@@ -351,3 +351,27 @@ def test_settings_validation():
     with pytest.raises(ValueError):
         T1LinearSettings(sampling_fraction=0.0)
     assert T1LinearSettings.coerce({"rigid_levels": [[8, 4.0]]}).rigid_levels == ((8, 4.0),)
+
+
+@pytest.mark.parametrize("case", ["strong_bias", "neck_and_shoulders"])
+def test_realistic_heads_preprocess_within_tolerance(case):
+    """Issue 13: a head with a strong bias field (x0.45..x2.2) and a large field of view with neck and
+    shoulders are registered within 1 mm, and the output looks like a brain to the QC gate."""
+    from scripts.preprocessing.quality import BrainGate
+
+    truth = affine_from_parameters((12.0, -10.0, 8.0), (10.0, -15.0, 12.0), (1.05, 0.95, 1.02))
+    if case == "strong_bias":
+        scan = make_scan(seed=6, spacing=(1.0, 1.0, 1.2), head=make_head(), transform=truth, bias_strength=0.8)
+    else:
+        head = make_head(neck_bottom_mm=-200.0, shoulders=True)
+        scan = make_scan(seed=5, spacing=(1.0, 1.0, 1.0), head=head, transform=truth)
+        extent = np.asarray(scan.image.GetSize()) * np.asarray(scan.image.GetSpacing())
+        assert extent[2] > 240 and extent[0] > 230  # the field of view reaches the shoulders
+    nifti, result = preprocess_t1_linear(scan.image, {"threads": 2})
+    mask = sitk.GetArrayViewFromImage(scan.brain_mask)
+    idx = np.argwhere(mask > 0)[::100][:, ::-1]
+    points = [scan.brain_mask.TransformIndexToPhysicalPoint([int(i) for i in p]) for p in idx]
+    errors = np.array([np.linalg.norm(np.subtract(truth.TransformPoint(p), result.transform.TransformPoint(p))) for p in points])
+    assert errors.mean() <= 1.0 and errors.max() <= 2.0, (errors.mean(), errors.max())
+    assert result.correlation >= 0.9 and "doubtful" not in result.notes
+    assert BrainGate().check(np.asarray(nifti.dataobj))[0] == "ok"

@@ -82,3 +82,21 @@ def test_doubtful_band_and_thresholds(head):
 def test_non_brain_kinds_are_validated(head):
     with pytest.raises(ValueError, match="unknown non-brain kind"):
         sh.make_non_brain("teapot", head[3])
+
+
+def test_coarse_smoothing_at_1mm_equals_full_resolution_smoothing():
+    """At 1 mm the measure smooths on the 2 mm sub-grid (5x faster); it must agree with smoothing at 1 mm."""
+    from scipy import ndimage
+
+    from scripts.preprocessing import quality
+
+    template, mask, _ = template_on_grid((169, 208, 179))
+    rng = np.random.RandomState(0)
+    cases = [template + rng.normal(0, 0.3 * template.std(), template.shape).astype(np.float32),  # noisy brain
+             np.roll(template, 25, axis=2), template[:, ::-1, :].copy()]  # shifted, back to front
+    for image in cases:
+        smooth_t = ndimage.gaussian_filter(template, quality.SIGMA_MM)[mask]
+        smooth_i = ndimage.gaussian_filter(image, quality.SIGMA_MM)[mask]
+        full = np.corrcoef(smooth_t, smooth_i)[0, 1]
+        assert quality._smooth(image, quality.SIGMA_MM).shape == (85, 104, 90)
+        assert template_similarity(image) == pytest.approx(full, abs=0.005)

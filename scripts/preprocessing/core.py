@@ -82,7 +82,7 @@ class T1LinearSettings:
 
     n4_voxel_mm: float = 4.0
     n4_iterations: tuple[int, ...] = (50, 50, 50, 50)
-    n4_convergence: float = 0.001
+    n4_convergence: float = 0.005
     n4_control_points: int = 4
     rigid_levels: tuple[tuple[int, float], ...] = ((8, 4.0), (4, 2.0))
     affine_levels: tuple[tuple[int, float], ...] = ((4, 2.0), (2, 1.0), (1, 0.0))

@@ -22,8 +22,12 @@ __all__ = ["SyntheticScan", "affine_from_parameters", "make_head", "make_scan", 
 _CSF, _SKULL, _SCALP, _MUSCLE = 150.0, 60.0, 850.0, 450.0
 
 
-def make_head(neck_bottom_mm: float = -150.0) -> tuple[sitk.Image, sitk.Image]:
+def make_head(neck_bottom_mm: float = -150.0, shoulders: bool = False) -> tuple[sitk.Image, sitk.Image]:
     """The synthetic head in template space (1 mm, LPS ITK image) and its brain mask.
+
+    With ``shoulders``, the body widens below 125 mm under the brain centre into shoulders (muscle in
+    a fat rim, 2 x 17 cm wide), as in a sagittal 3D T1w acquired with a large field of view; pair it
+    with a ``neck_bottom_mm`` of about -200.
 
     Returns:
         ``(head, brain_mask)`` on a grid that extends the template grid down to
@@ -50,6 +54,13 @@ def make_head(neck_bottom_mm: float = -150.0) -> tuple[sitk.Image, sitk.Image]:
     neck = (wz < -55.0) & (ellipse <= 1.0) & (head == 0)
     head[neck & (ellipse > 0.8)] = _SCALP
     head[neck & (ellipse <= 0.8)] = _MUSCLE
+    if shoulders:
+        # half-width grows from the neck's 50 mm at z = -125 to 170 mm at z = -165 and below
+        width = 50.0 + 120.0 * np.clip((-125.0 - wz) / 40.0, 0.0, 1.0)
+        torso = (wz < -125.0) & ((wx / width) ** 2 + ((wy - 15.0) / 70.0) ** 2 <= 1.0) & (head == 0)
+        rim = (wx / (width - 8.0)) ** 2 + ((wy - 15.0) / 62.0) ** 2 > 1.0
+        head[torso & rim] = _SCALP
+        head[torso & ~rim] = _MUSCLE
     out = sitk.GetImageFromArray(head.astype(np.float32))
     out.CopyInformation(brain)
     return out, brain_mask
