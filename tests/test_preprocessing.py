@@ -353,14 +353,18 @@ def test_settings_validation():
     assert T1LinearSettings.coerce({"rigid_levels": [[8, 4.0]]}).rigid_levels == ((8, 4.0),)
 
 
-@pytest.mark.parametrize("case", ["strong_bias", "neck_and_shoulders"])
+@pytest.mark.parametrize("case", ["strong_bias", "neck_and_shoulders", "tilted_40deg"])
 def test_realistic_heads_preprocess_within_tolerance(case):
-    """Issue 13: a head with a strong bias field (x0.45..x2.2) and a large field of view with neck and
-    shoulders are registered within 1 mm, and the output looks like a brain to the QC gate."""
+    """Issue 13: a head with a strong bias field (x0.45..x2.2), a large field of view with neck and
+    shoulders, and a head tilted by 40 degrees (one start ended 28 mm off) are registered within 1 mm,
+    and the output looks like a brain to the QC gate."""
     from scripts.preprocessing.quality import BrainGate
 
     truth = affine_from_parameters((12.0, -10.0, 8.0), (10.0, -15.0, 12.0), (1.05, 0.95, 1.02))
-    if case == "strong_bias":
+    if case == "tilted_40deg":
+        truth = affine_from_parameters((-40.0, 10.0, 0.0), (5.0, -8.0, 6.0), (1.0, 1.0, 1.0))
+        scan = make_scan(seed=2, spacing=(1.0, 1.0, 1.0), head=make_head(), transform=truth)
+    elif case == "strong_bias":
         scan = make_scan(seed=6, spacing=(1.0, 1.0, 1.2), head=make_head(), transform=truth, bias_strength=0.8)
     else:
         head = make_head(neck_bottom_mm=-200.0, shoulders=True)

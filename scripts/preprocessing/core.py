@@ -61,6 +61,8 @@ class T1LinearSettings:
         rigid_levels: multi-resolution schedule of the rigid stage, coarse to fine, as
             (shrink factor of the 1 mm template, Gaussian sigma in mm) pairs.
         affine_levels: same for the affine stage (which starts from the rigid result).
+        start_angles_deg: the coarsest rigid level also starts from the initial pose turned by
+            +-each of these angles about each axis; the best fit continues (() : one start only).
         rigid_iterations, affine_iterations: maximum optimiser iterations per level.
         sampling_fraction: fraction of the template-mask voxels drawn at random per level ...
         max_samples: ... but at most this many (the full-resolution level has ~2 million).
@@ -86,6 +88,7 @@ class T1LinearSettings:
     n4_control_points: int = 4
     rigid_levels: tuple[tuple[int, float], ...] = ((8, 4.0), (4, 2.0))
     affine_levels: tuple[tuple[int, float], ...] = ((4, 2.0), (2, 1.0), (1, 0.0))
+    start_angles_deg: tuple[float, ...] = (30.0,)
     rigid_iterations: int = 200
     affine_iterations: int = 200
     sampling_fraction: float = 0.25
@@ -375,6 +378,29 @@ def _run_level(
     return float(reg.GetMetricValue())
 
 
+def _best_start(
+    start: sitk.Euler3DTransform, images: tuple[_Fixed, sitk.Image], settings: T1LinearSettings
+) -> tuple[sitk.Euler3DTransform, float]:
+    """Run the coarsest rigid level from ``start`` and from ``start`` turned by each of
+    ``settings.start_angles_deg`` (+ and -) about each axis; return the fit with the best (lowest)
+    Mattes metric. Heads scanned tilted by 30-45 degrees otherwise end in a local optimum."""
+    starts = [start]
+    for angle in settings.start_angles_deg:
+        for axis in range(3):
+            for sign in (1.0, -1.0):
+                turned = sitk.Euler3DTransform(start)
+                angles = [turned.GetAngleX(), turned.GetAngleY(), turned.GetAngleZ()]
+                angles[axis] += sign * np.radians(float(angle))
+                turned.SetRotation(*angles)
+                starts.append(turned)
+    best, best_metric = start, float("inf")
+    for candidate in starts:
+        metric = _run_level(*images, candidate, settings.rigid_iterations, settings)
+        if metric < best_metric:
+            best, best_metric = candidate, metric
+    return best, best_metric
+
+
 def register(
     moving: sitk.Image, head_mask: sitk.Image, settings: T1LinearSettings
 ) -> tuple[sitk.AffineTransform, float]:
@@ -410,7 +436,10 @@ def register(
         return _fixed(settings, shrink, sigma), pyramid[(int(shrink), float(sigma))]
 
     metric = float("nan")
-    for shrink, sigma in settings.rigid_levels:
+    for i, (shrink, sigma) in enumerate(settings.rigid_levels):
+        if i == 0 and settings.start_angles_deg:  # multi-start: the best coarse fit continues
+            rigid, metric = _best_start(rigid, level_images(shrink, sigma), settings)
+            continue
         metric = _run_level(*level_images(shrink, sigma), rigid, settings.rigid_iterations, settings)
     affine = sitk.AffineTransform(3)
     affine.SetCenter(rigid.GetCenter())
