@@ -514,3 +514,45 @@ def test_a_file_name_that_is_not_utf8_gets_its_row_and_the_table_is_written(smal
         assert sorted(r["status"] for r in rows) == ["ok", "ok"]
         assert os.fsdecode(odd) in {r["path"] for r in rows}
     assert (tmp_path / "out" / "qc_report.html").is_file()
+
+
+def test_workers_die_with_a_killed_main_process(small_demo, tmp_path):
+    """Issue 14 defect 8: SIGKILL to the main process alone used to leave its preprocessing workers running."""
+    save_small_model(tmp_path / "models" / "model.pt", seed=2)
+    inputs = tmp_path / "scans"
+    inputs.mkdir()
+    for k in range(3):
+        for scan in _demo_scans(small_demo):
+            shutil.copy(scan, inputs / f"copy{k}_{scan.name}")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.yaml"),
+           "--meta_file", str(CONFIGS / "metadata.json"), "--bundle_root", str(tmp_path), "--input", str(inputs),
+           "--output_dir", str(out), "--spatial_size", str(list(SMALL_SHAPE)), "--num_workers", "2"]
+    log = (tmp_path / "run.log").open("wb")
+    proc = subprocess.Popen(cmd, cwd=BUNDLE_ROOT, stdout=log, stderr=log, start_new_session=True)
+    journal = out / ".qc" / "journal-rank0.jsonl"
+    children: list[int] = []
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if journal.is_file() and len(journal.read_text().splitlines()) >= 2:
+            task = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+            children = [int(c) for c in task.read_text().split()] if task.is_file() else []
+            if len(children) >= 2:
+                break
+        time.sleep(0.05)
+    try:
+        assert proc.poll() is None and len(children) >= 2, (tmp_path / "run.log").read_text("utf-8", "replace")[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)  # the main process only, as an OOM killer or `kill -9 <pid>` would
+        proc.wait()
+        deadline = time.time() + 20
+        alive = children
+        while alive and time.time() < deadline:
+            alive = [c for c in alive if Path(f"/proc/{c}").exists() and "Z" not in Path(f"/proc/{c}/stat").read_text().split()[2]]
+            time.sleep(0.2)
+        assert not alive, f"workers {alive} outlived the killed main process"
+    finally:
+        log.close()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
