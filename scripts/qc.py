@@ -23,7 +23,7 @@ network and its inputs are in channels-last 3D memory and glibc keeps freed memo
 Exit code of ``python -m monai.bundle run --config_file configs/inference.yaml``: 0 when every input
 has its row (whatever the statuses); 1 on a fatal problem before any scan is processed (``--input``
 does not exist, weights fail their integrity check, bad config); 3 with ``--strict true`` when at
-least one input failed (rows are still all written).
+least one input failed (rows are still all written); 4 when an input has no row (re-run to complete).
 """
 
 from __future__ import annotations
@@ -536,6 +536,25 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _repair_journal(path: Path) -> None:
+    """Cut a torn last line (a write stopped by a full disk or a kill) off a journal before appending
+    to it; otherwise the next record would be glued to it and lost with it. The torn record's scan has
+    no row yet, so it is redone."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        keep = f.read().rfind(b"\n") + 1  # journals are small: ~500 bytes a scan
+        logger.warning("journal %s ends with a torn record (%d bytes); removing it.", path, size - keep)
+        f.truncate(keep)
+
+
 def read_journal(state_dir: str | os.PathLike, model_sha256: str | None = None) -> dict[str, dict[str, Any]]:
     """Rows recorded by all ranks' journals in ``state_dir``, keyed by path.
 
@@ -755,7 +774,9 @@ class QCJob:
         )
         if pending:  # computed once here, inherited by forked workers
             self.loader.warm_up()
-        self._journal_file = open(self.state_dir / _JOURNAL.format(rank=self.rank), "a")
+        journal = self.state_dir / _JOURNAL.format(rank=self.rank)
+        _repair_journal(journal)
+        self._journal_file = open(journal, "a")
         if self.progress:
             from tqdm import tqdm
 
@@ -776,13 +797,17 @@ class QCJob:
         if self.world_size > 1:
             torch.distributed.barrier()
         counts: dict[str, int] = {}
+        missing = 0
         if self.rank == 0:
             rows = self._write_outputs(items)
             for row in rows:
                 counts[row["status"]] = counts.get(row["status"], 0) + 1
+            missing = len(items) - len(rows)
             logger.info("QC finished: %d inputs, %s; table %s", len(rows), counts, self.table_path)
         if self.world_size > 1:
             torch.distributed.barrier()
+        if missing:  # never a silent success with an input lacking its row
+            raise SystemExit(4)
         if self.strict and any(s not in SCORED_STATUSES for s in counts):
             raise SystemExit(3)
         return counts

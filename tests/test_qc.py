@@ -556,3 +556,34 @@ def test_workers_die_with_a_killed_main_process(small_demo, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_a_torn_journal_line_is_repaired_and_a_missing_row_fails_the_run(small_demo, tmp_path):
+    """Issue 14 defect 6: after a journal line torn by a full disk, the re-run glued the next record to it,
+    lost that row and still exited 0."""
+    net = save_small_model(tmp_path / "m.pt", seed=3)
+    scans = [str(s) for s in _demo_scans(small_demo)[:3]]
+
+    def job(items):
+        return QCJob(input=items, network=net, output_dir=tmp_path / "out", loader=ScanLoader(SMALL_SHAPE),
+                     num_workers=0, saliency="none", thumbnails=False, report=False, progress=False)
+
+    job(scans[:2]).run()
+    journal = tmp_path / "out" / ".qc" / "journal-rank0.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    journal.write_text(lines[0] + lines[1][: len(lines[1]) // 2])  # the second record torn mid-write ...
+    (tmp_path / "out" / "qc.tsv").unlink()  # ... before the table was rewritten
+    assert job(scans).run() == {"ok": 3}
+    rows = read_qc_table(tmp_path / "out" / "qc.tsv")
+    assert sorted(r["path"] for r in rows) == sorted(scans)
+    assert len(_read_jsonl(journal)) == 3 and journal.read_text().endswith("\n")
+
+    class _Lossy(QCJob):  # a shard that records nothing for one input (as a failed rank would)
+        def _merged(self, items):
+            return super()._merged(items)[:-1]
+
+    lossy = _Lossy(input=scans, network=net, output_dir=tmp_path / "out", loader=ScanLoader(SMALL_SHAPE),
+                   num_workers=0, saliency="none", thumbnails=False, report=False, progress=False)
+    with pytest.raises(SystemExit) as exit_info:
+        lossy.run()
+    assert exit_info.value.code == 4
