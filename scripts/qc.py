@@ -132,11 +132,28 @@ def _has_suffix(name: str, suffixes: Sequence[str]) -> bool:
     return name.lower().endswith(tuple(suffixes))
 
 
-def _is_dicom_candidate(folder: Path) -> bool:
-    """A folder whose visible files are not volume files (e.g. DICOM slices without extension)."""
-    files = [f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")]
+def _has_dicom_magic(path: Path) -> bool:
+    """A regular file with DICOM's ``DICM`` marker at byte 128 (FIFOs and devices are never opened)."""
+    try:
+        if not path.is_file():  # regular files only: opening a FIFO would block
+            return False
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _is_dicom_candidate(folder: Path, has_subfolders: bool) -> bool:
+    """A folder holding a DICOM series: a file with the DICOM marker (other files or sub-folders beside
+    it, e.g. ``notes.txt``, do not matter), or, for files without the marker (old ACR-NEMA exports), a
+    leaf folder whose visible files are all extension-less or ``.dcm``."""
+    files = sorted(f for f in folder.iterdir() if not f.name.startswith(".") and f.is_file())
+    if any(f.suffix.lower() == ".dcm" or _has_dicom_magic(f) for f in files):
+        return True
     return (
-        bool(files)
+        not has_subfolders
+        and bool(files)
         and not any(_has_suffix(f.name, IMAGE_SUFFIXES[:-1]) for f in files)
         and not any(f.suffix.lower() in (".json", ".tsv", ".csv", ".txt", ".md") for f in files)
     )
@@ -144,21 +161,28 @@ def _is_dicom_candidate(folder: Path) -> bool:
 
 def _scan_folder(root: Path) -> list[Path]:
     """Scans under a folder: BIDS ``sub-*/[ses-*/]anat/*_T1w.*`` when it is a BIDS dataset, else every
-    volume file and every folder that looks like a DICOM series, recursively (sorted)."""
+    volume file and every folder that holds a DICOM series, recursively (sorted). Symbolic links to
+    folders are followed once; a link back into a folder already walked (a loop) is skipped."""
     subjects = sorted(p for p in root.glob("sub-*") if p.is_dir())
     if subjects and (root / "dataset_description.json").is_file():
         found = sorted(p for p in root.glob("sub-*/**/anat/*_T1w.*") if _has_suffix(p.name, (".nii", ".nii.gz")))
         if found:
             return found
     out: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         here = Path(dirpath)
+        real = os.path.realpath(here)
+        if real in seen:  # a symlink loop, or a folder linked twice
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames.sort()
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        if here != root and not dirnames and _is_dicom_candidate(here):
+        volumes = [here / f for f in sorted(filenames) if _has_suffix(f, IMAGE_SUFFIXES[:-1]) and not f.startswith(".")]
+        if here != root and not volumes and _is_dicom_candidate(here, bool(dirnames)):
             out.append(here)
-            continue
-        out.extend(here / f for f in sorted(filenames) if _has_suffix(f, IMAGE_SUFFIXES[:-1]) and not f.startswith("."))
+        out.extend(volumes)
     return out
 
 

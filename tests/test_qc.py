@@ -587,3 +587,29 @@ def test_a_torn_journal_line_is_repaired_and_a_missing_row_fails_the_run(small_d
     with pytest.raises(SystemExit) as exit_info:
         lossy.run()
     assert exit_info.value.code == 4
+
+
+def test_dicom_folders_with_other_files_and_symlinked_folders_are_found(small_demo, tmp_path):
+    """Issue 14 defect 7: a DICOM series folder holding notes.txt or a sub-folder, and a symlinked
+    sub-folder holding a scan, were silently skipped (no row); a symlink loop must not hang the walk."""
+    root = tmp_path / "in"
+    plain = _dicom_with_missing_slice(tmp_path / "src")
+    for name, extra in (("with_notes", "notes"), ("with_subfolder", "subfolder")):
+        series = root / name
+        series.mkdir(parents=True)
+        for f in plain.iterdir():  # PACS exports often have no extension: the DICM marker identifies them
+            shutil.copy(f, series / f.stem)
+        if extra == "notes":
+            (series / "notes.txt").write_text("patient moved during the scan")
+        else:
+            (series / "derived").mkdir()
+            shutil.copy(_demo_scans(small_demo)[0], series / "derived" / "derived_T1w.nii.gz")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(_demo_scans(small_demo)[1], outside / "linked_T1w.nii.gz")
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    (root / "with_notes" / "loop").symlink_to(root, target_is_directory=True)
+    found = sorted(Path(it["image"]).relative_to(root).as_posix() for it in collect_inputs(root))
+    assert found == ["linked/linked_T1w.nii.gz", "with_notes", "with_subfolder", "with_subfolder/derived/derived_T1w.nii.gz"]
+    status = {Path(it["image"]).name: ScanLoader(SMALL_SHAPE)(it)["status"] for it in collect_inputs(root)}
+    assert status["with_notes"] == status["with_subfolder"] == "dicom_missing_slice"  # read as series, not skipped
