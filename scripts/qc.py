@@ -378,6 +378,7 @@ class ScanLoader:
         self.t1_linear_settings = dict(t1_linear_settings or {})
         self.attempts_path = str(attempts_path) if attempts_path else None
         self.isolated = False
+        self.in_worker = False  # set by QCJob: True when loading runs in worker processes
 
     def __call__(self, item: Mapping[str, Any]) -> dict[str, Any]:
         path = str(item["image"])
@@ -411,7 +412,8 @@ class ScanLoader:
 
     def _log_start(self, path: str) -> None:
         if self.attempts_path:
-            line = json.dumps({"path": path, "isolated": self.isolated, "pid": os.getpid()}) + "\n"
+            record = {"path": path, "isolated": self.isolated, "in_worker": self.in_worker, "pid": os.getpid()}
+            line = json.dumps(record) + "\n"
             with open(self.attempts_path, "a") as f:
                 f.write(line)
 
@@ -836,12 +838,31 @@ class QCJob:
             raise SystemExit(3)
         return counts
 
-    def _attempts(self) -> dict[str, list[bool]]:
-        starts: dict[str, list[bool]] = {}
-        for path in self.state_dir.glob("attempts-rank*.jsonl"):
+    def _attempts(self) -> dict[str, list[dict[str, Any]]]:
+        """Records of the attempts logs (starts, and the crashes the main process saw), by path."""
+        records: dict[str, list[dict[str, Any]]] = {}
+        for path in sorted(self.state_dir.glob("attempts-rank*.jsonl")):
             for record in _read_jsonl(path):
-                starts.setdefault(record["path"], []).append(bool(record.get("isolated")))
-        return starts
+                records.setdefault(record["path"], []).append(record)
+        return records
+
+    def _crashes_alone(self, key: str) -> int:
+        """Times the scan ``key`` killed the process handling it while it was processed alone: crashes of
+        a worker that this process saw, and in-process starts (a crash there kills this process too) that
+        were not interrupted. A job killed or interrupted while a worker held the scan does not count."""
+        count = 0
+        for record in self._attempts().get(key, []):
+            if record.get("crashed"):
+                count += 1
+            elif record.get("isolated") and not record.get("in_worker") and "crashed" not in record:
+                count += 1
+            elif record.get("interrupted"):
+                count -= 1
+        return count
+
+    def _log_attempt(self, key: str, **outcome: Any) -> None:
+        with open(self.state_dir / _ATTEMPTS.format(rank=self.rank), "a") as f:
+            f.write(json.dumps({"path": key, **outcome}) + "\n")
 
     def _process_all(self, pending: list[dict[str, Any]]) -> None:
         self.loader.attempts_path = str(self.state_dir / _ATTEMPTS.format(rank=self.rank))
@@ -854,7 +875,7 @@ class QCJob:
                 if key not in remaining:
                     continue
                 while key in remaining:
-                    if sum(self._attempts().get(key, [])) >= 2:  # died twice while alone
+                    if self._crashes_alone(key) >= 2:  # killed its process twice while alone
                         self._record(
                             self._failure(
                                 remaining[key],
@@ -867,7 +888,12 @@ class QCJob:
                     try:
                         self._run_loader([remaining[key]], isolated=True, remaining=remaining)
                     except _WorkerDied as err:
+                        self._log_attempt(key, crashed=True)
                         logger.warning("a worker died on %s alone (%s); retrying once.", key, err)
+                    except KeyboardInterrupt:
+                        if self.num_workers == 0:  # the in-process start above was the user's, not the scan's
+                            self._log_attempt(key, interrupted=True)
+                        raise
             if not remaining:
                 break
             try:
@@ -887,6 +913,7 @@ class QCJob:
             _WorkerDied: a worker process died (its pool is broken); the caller isolates suspects.
         """
         self.loader.isolated = isolated
+        self.loader.in_worker = self.num_workers > 0
         batch_size = 1 if isolated else self.batch_size
         if self.num_workers == 0:
             for start in range(0, len(items), batch_size):

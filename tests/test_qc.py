@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
 import os
 import shutil
 import signal
@@ -613,3 +614,28 @@ def test_dicom_folders_with_other_files_and_symlinked_folders_are_found(small_de
     assert found == ["linked/linked_T1w.nii.gz", "with_notes", "with_subfolder", "with_subfolder/derived/derived_T1w.nii.gz"]
     status = {Path(it["image"]).name: ScanLoader(SMALL_SHAPE)(it)["status"] for it in collect_inputs(root)}
     assert status["with_notes"] == status["with_subfolder"] == "dicom_missing_slice"  # read as series, not skipped
+
+
+def test_interrupted_restarts_do_not_condemn_a_good_scan(small_demo, tmp_path):
+    """Issue 14 defect 9: a job killed twice while a worker held a suspect scan alone marked that good scan
+    worker_crashed for good; only crashes the main process saw count (or in-process starts)."""
+    net = save_small_model(tmp_path / "m.pt", seed=3)
+    scans = [str(s) for s in _demo_scans(small_demo)[:2]]
+    state = tmp_path / "out" / ".qc"
+    state.mkdir(parents=True)
+    # what two interrupted restarts leave: the scan in flight, then twice started alone in a worker
+    starts = [{"path": scans[0], "isolated": False, "in_worker": True, "pid": 1},
+              {"path": scans[0], "isolated": True, "in_worker": True, "pid": 2},
+              {"path": scans[0], "isolated": True, "in_worker": True, "pid": 3}]
+    (state / "attempts-rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in starts))
+    job = QCJob(input=scans, network=net, output_dir=tmp_path / "out", loader=ScanLoader(SMALL_SHAPE), num_workers=1,
+                saliency="none", thumbnails=False, report=False, progress=False)
+    assert job.run() == {"ok": 2}
+    # two crashes that the main process saw still condemn the scan
+    with (state / "attempts-rank0.jsonl").open("a") as f:
+        f.write(json.dumps({"path": scans[1], "isolated": False, "in_worker": True}) + "\n")
+        f.write(json.dumps({"path": scans[1], "crashed": True}) + "\n" + json.dumps({"path": scans[1], "crashed": True}) + "\n")
+    (state / "journal-rank0.jsonl").unlink()
+    (tmp_path / "out" / "qc.tsv").unlink()
+    rows = {r["path"]: r["status"] for r in (job.run() and read_qc_table(tmp_path / "out" / "qc.tsv"))}
+    assert rows == {scans[0]: "ok", scans[1]: "worker_crashed"}
