@@ -132,6 +132,28 @@ def _has_suffix(name: str, suffixes: Sequence[str]) -> bool:
     return name.lower().endswith(tuple(suffixes))
 
 
+def _refuse_special_files(p: Path) -> None:
+    """Raise ``unreadable`` when reading ``p`` would open something that is not a regular file: ``p``
+    itself, the data file of an Analyze pair or a MetaImage header, or any file of a DICOM folder. A FIFO
+    (or a device, or a socket) blocks the C readers of ITK and GDCM, where no time limit can stop them."""
+    candidates = [p]
+    if p.is_dir():
+        candidates = [f for f in p.rglob("*") if not f.is_dir()]
+    elif _has_suffix(p.name, (".hdr", ".img")):
+        candidates.append(p.with_suffix(".img" if p.suffix.lower() == ".hdr" else ".hdr"))
+    elif _has_suffix(p.name, (".mhd", ".nhdr")) and p.is_file():
+        with open(p, "rb") as f:
+            for line in f.read(65536).decode("latin-1").splitlines():
+                key, _, value = line.partition("=")
+                if key.strip().lower() in ("elementdatafile", "data file", "datafile") and value.strip():
+                    name = value.strip().split()[0]
+                    if name.upper() not in ("LOCAL", "LIST"):
+                        candidates.append(p.parent / name)
+    for f in candidates:
+        if f.exists() and not f.is_file():
+            raise QCError("unreadable", f"{f.name} is not a regular file (a FIFO, socket or device); not opened")
+
+
 def _has_dicom_magic(path: Path) -> bool:
     """A regular file with DICOM's ``DICM`` marker at byte 128 (FIFOs and devices are never opened)."""
     try:
@@ -425,6 +447,7 @@ class ScanLoader:
         p = Path(path)
         if not p.exists():
             raise QCError("not_found", "no such file or folder")
+        _refuse_special_files(p)  # a FIFO or device would block the reader forever
         if p.is_dir():
             if not any(f.is_file() for f in p.rglob("*")):
                 raise QCError("empty_folder", "the folder holds no file")

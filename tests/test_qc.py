@@ -639,3 +639,30 @@ def test_interrupted_restarts_do_not_condemn_a_good_scan(small_demo, tmp_path):
     (tmp_path / "out" / "qc.tsv").unlink()
     rows = {r["path"]: r["status"] for r in (job.run() and read_qc_table(tmp_path / "out" / "qc.tsv"))}
     assert rows == {scans[0]: "ok", scans[1]: "worker_crashed"}
+
+
+def test_fifos_are_refused_not_read_forever(small_demo, tmp_path):
+    """Issue 14 defect 5: a data file that is a FIFO (like a hung network share) blocked the job forever."""
+    scan = _demo_scans(small_demo)[0]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    os.mkfifo(folder / "sub-A_T1w.nii.gz")
+    img = nib.load(str(scan))
+    nib.save(nib.AnalyzeImage(np.asarray(img.dataobj, dtype=np.float32), img.affine), str(folder / "sub-B_T1w.hdr"))
+    (folder / "sub-B_T1w.img").unlink()
+    os.mkfifo(folder / "sub-B_T1w.img")  # the Analyze data file is a FIFO
+    dicom = _dicom_with_missing_slice(folder / "sub-C_dicom")
+    os.mkfifo(dicom / "pipe")
+    shutil.copy(scan, folder / "sub-D_T1w.nii.gz")
+    loader = ScanLoader(SMALL_SHAPE)
+    statuses = {}
+    for item in collect_inputs(folder):
+        start = time.perf_counter()
+        out = loader(item)
+        assert time.perf_counter() - start < 60
+        statuses[Path(item["image"]).name] = (out["status"], out["reason"])
+    assert statuses["sub-D_T1w.nii.gz"][0] == "ok"
+    for name in ("sub-A_T1w.nii.gz", "sub-C_dicom"):
+        assert statuses[name][0] == "unreadable" and "not a regular file" in statuses[name][1], statuses[name]
+    bad = [v for k, v in statuses.items() if k.startswith("sub-B")]
+    assert bad and all(v[0] == "unreadable" and "not a regular file" in v[1] for v in bad), statuses
