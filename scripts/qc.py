@@ -202,6 +202,9 @@ def _scan_folder(root: Path) -> list[Path]:
         dirnames.sort()
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         volumes = [here / f for f in sorted(filenames) if _has_suffix(f, IMAGE_SUFFIXES[:-1]) and not f.startswith(".")]
+        # an Analyze pair is one scan: its .img is read through the .hdr
+        headers = {v.with_suffix("").name for v in volumes if v.suffix.lower() == ".hdr"}
+        volumes = [v for v in volumes if not (v.suffix.lower() == ".img" and v.with_suffix("").name in headers)]
         if here != root and not volumes and _is_dicom_candidate(here, bool(dirnames)):
             out.append(here)
         out.extend(volumes)
@@ -585,6 +588,28 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _lock_output(state_dir: Path, rank: int) -> Any:
+    """An exclusive lock on ``state_dir`` for this rank, held until the process ends (the returned
+    file); two jobs on one output folder would both do all the work. Raises RuntimeError when held."""
+    import fcntl
+
+    f = open(state_dir / f"lock-rank{rank}", "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RuntimeError(
+            f"another QC job ({holder}) is writing to {state_dir.parent}; wait for it or use another --output_dir"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}")
+    f.flush()
+    return f
+
+
 def _repair_journal(path: Path) -> None:
     """Cut a torn last line (a write stopped by a full disk or a kill) off a journal before appending
     to it; otherwise the next record would be glued to it and lost with it. The torn record's scan has
@@ -779,6 +804,7 @@ class QCJob:
         self.model_sha256 = ""
         self.version = bundle_version(bundle_root)
         self._journal_file: Any = None
+        self._lock: Any = None
         self._bar: Any = None
         self._new_rows = 0
         self._cam: Any = None
@@ -823,6 +849,7 @@ class QCJob:
         )
         if pending:  # computed once here, inherited by forked workers
             self.loader.warm_up()
+        self._lock = _lock_output(self.state_dir, self.rank)  # RuntimeError: another job writes here
         journal = self.state_dir / _JOURNAL.format(rank=self.rank)
         _repair_journal(journal)
         self._journal_file = open(journal, "a")
@@ -855,6 +882,8 @@ class QCJob:
             logger.info("QC finished: %d inputs, %s; table %s", len(rows), counts, self.table_path)
         if self.world_size > 1:
             torch.distributed.barrier()
+        self._lock.close()  # releases the output folder
+        self._lock = None
         if missing:  # never a silent success with an input lacking its row
             raise SystemExit(4)
         if self.strict and any(s not in SCORED_STATUSES for s in counts):

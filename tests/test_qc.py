@@ -666,3 +666,31 @@ def test_fifos_are_refused_not_read_forever(small_demo, tmp_path):
         assert statuses[name][0] == "unreadable" and "not a regular file" in statuses[name][1], statuses[name]
     bad = [v for k, v in statuses.items() if k.startswith("sub-B")]
     assert bad and all(v[0] == "unreadable" and "not a regular file" in v[1] for v in bad), statuses
+
+
+def test_minor_defects_analyze_pairs_lock_and_plain_numbers_in_reasons(small_demo, tmp_path):
+    """Issue 14 defect 14: an .hdr/.img pair gave two rows; two jobs on one output folder both did all the
+    work; reasons printed numpy scalars (np.int64(169))."""
+    import fcntl
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    img = nib.load(str(_demo_scans(small_demo)[0]))
+    nib.save(nib.AnalyzeImage(np.asarray(img.dataobj, dtype=np.float32), img.affine), str(folder / "sub-A_T1w.hdr"))
+    _save(np.ones((30, 1, 40), np.float32), np.eye(4), folder / "sub-B_T1w.nii.gz")  # a single slice
+    items = collect_inputs(folder)
+    assert sorted(Path(it["image"]).name for it in items) == ["sub-A_T1w.hdr", "sub-B_T1w.nii.gz"]
+    reason = ScanLoader(SMALL_SHAPE)(items[1])["reason"]
+    assert "np." not in reason and "(30, 1, 40)" in reason
+    net = save_small_model(tmp_path / "m.pt", seed=3)
+    state = tmp_path / "out" / ".qc"
+    state.mkdir(parents=True)
+    with open(state / "lock-rank0", "a+") as held:  # another job holds the folder
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        job = QCJob(input=str(folder), network=net, output_dir=tmp_path / "out", loader=ScanLoader(SMALL_SHAPE),
+                    num_workers=0, saliency="none", thumbnails=False, report=False, progress=False)
+        with pytest.raises(RuntimeError, match="another QC job"):
+            job.run()
+    counts = job.run()  # released: the job runs (one row per scan), and releases it again
+    assert sum(counts.values()) == 2 and counts["not_3d"] == 1
+    assert job.run() == counts

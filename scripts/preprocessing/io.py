@@ -156,7 +156,7 @@ def _squeeze_to_3d(image: sitk.Image, path: Path) -> sitk.Image:
 def _check_geometry(image: sitk.Image, path: Path) -> None:
     size = np.asarray(image.GetSize())
     if np.any(size == 1):
-        raise PreprocessingError(path, "not_3d", f"a single slice along an axis (size {tuple(size)})")
+        raise PreprocessingError(path, "not_3d", f"a single slice along an axis (size {tuple(int(s) for s in size)})")
     fov = size * np.asarray(image.GetSpacing())
     if np.any(size < _MIN_VOXELS) or np.any(fov < _MIN_FOV_MM):
         raise PreprocessingError(
