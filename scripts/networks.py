@@ -69,6 +69,8 @@ class Conv5FC3(nn.Module):
 
     #: modules fine-tuned in transfer learning (the three linear layers).
     head_modules: tuple[str, ...] = ("fc",)
+    #: the layer whose activations Grad-CAM explains (the QC job's saliency maps): the ReLU of block 4.
+    saliency_layer: str | None = "convolutions.14"
 
     def __init__(
         self,
@@ -226,6 +228,11 @@ class _ResidualCNN(nn.Module):
     def block_modules(self) -> tuple[tuple[str, ...], ...]:
         return tuple((f"features.{i}",) for i in range(len(self.features)))
 
+    @property
+    def saliency_layer(self) -> str:
+        """The layer Grad-CAM explains: the last residual block."""
+        return f"features.{len(self.features) - 1}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map a (B, C, X, Y, Z) batch (X, Y, Z = ``input_size``) to (B, num_classes) logits."""
         if list(x.shape[2:]) != self.expected_spatial:
@@ -331,6 +338,9 @@ class ViT3D(nn.Module):
     """
 
     head_modules: tuple[str, ...] = ("vit.norm", "vit.classification_head")
+
+    #: no convolutional feature map for Grad-CAM: the QC job scores without saliency maps
+    saliency_layer: str | None = None
 
     def __init__(
         self,

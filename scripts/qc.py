@@ -724,6 +724,9 @@ class QCJob:
         inferer: optional MONAI inferer ``inferer(inputs, network)``.
         saliency: ``"gradcam"`` (MONAI GradCAM on ``saliency_layer``), ``"occlusion"`` (MONAI
             OcclusionSensitivity, slower) or ``"none"``.
+        saliency_layer: the module Grad-CAM explains; None: the one the network declares (its
+            ``saliency_layer`` attribute, see :mod:`scripts.networks`); a network declaring none
+            (ViT3D) is scored without saliency maps.
         thumbnails: write a JPEG per scored scan (three central slices + saliency) for the report.
         report: write ``qc_report.html`` at the end (rank 0).
         progress: tqdm progress bar (rate, ETA) on stderr.
@@ -755,7 +758,7 @@ class QCJob:
         motion_index: int = 1,
         inferer: Callable | None = None,
         saliency: str = "gradcam",
-        saliency_layer: str = "convolutions.14",
+        saliency_layer: str | None = None,
         thumbnails: bool = True,
         report: bool = True,
         report_page_size: int = 50,
@@ -786,7 +789,13 @@ class QCJob:
         self.motion_index = int(motion_index)
         self.inferer = inferer
         self.saliency = saliency
-        self.saliency_layer = saliency_layer
+        # the network declares its own Grad-CAM layer (scripts.networks); an argument overrides it
+        self.saliency_layer = saliency_layer or getattr(network, "saliency_layer", None)
+        if self.saliency == "gradcam" and not self.saliency_layer:
+            logger.warning(
+                "%s declares no saliency layer for Grad-CAM; scoring without saliency maps.", type(network).__name__
+            )
+            self.saliency = "none"
         self.thumbnails = as_bool(thumbnails, "thumbnails")
         self.report = as_bool(report, "report")
         self.report_page_size = int(report_page_size)

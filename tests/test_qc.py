@@ -694,3 +694,23 @@ def test_minor_defects_analyze_pairs_lock_and_plain_numbers_in_reasons(small_dem
     counts = job.run()  # released: the job runs (one row per scan), and releases it again
     assert sum(counts.values()) == 2 and counts["not_3d"] == 1
     assert job.run() == counts
+
+
+def test_every_convolutional_network_declares_its_gradcam_layer(tmp_path):
+    """Issue 14: Grad-CAM hard-coded a Conv5FC3 layer name, so ResNet3D and SE-CNN lost their saliency maps."""
+    from scripts.networks import SECNN, Conv5FC3, ResNet3D, ViT3D
+
+    torch.manual_seed(0)
+    x = torch.randn(1, *SMALL_SHAPE)
+    for net in (Conv5FC3(input_size=SMALL_SHAPE), ResNet3D(input_size=SMALL_SHAPE, channels=(4, 8, 8)),
+                SECNN(input_size=SMALL_SHAPE, channels=(4, 8, 8))):
+        job = QCJob(input=[], network=net.eval(), output_dir=tmp_path / "o", loader=ScanLoader(SMALL_SHAPE),
+                    progress=False)
+        assert job.saliency == "gradcam" and job.saliency_layer in dict(net.named_modules())
+        prob, sal = job._gradcam(x)
+        with torch.no_grad():
+            assert prob == pytest.approx(torch.softmax(net(x[None]), 1)[0, 1].item(), abs=1e-5)
+        assert sal.shape == SMALL_SHAPE and np.isfinite(sal).all()
+    vit = ViT3D(input_size=SMALL_SHAPE, patch_grid=(2, 2, 2), hidden_size=32, mlp_dim=64, num_layers=1, num_heads=2)
+    job = QCJob(input=[], network=vit, output_dir=tmp_path / "v", loader=ScanLoader(SMALL_SHAPE), progress=False)
+    assert job.saliency == "none"
