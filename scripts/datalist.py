@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from scripts.common.files import write_json_atomic  # noqa: F401 - re-exported: datalists are written with it
+
 __all__ = [
     "SPLITS",
     "NIFTI_SUFFIXES",
@@ -40,16 +42,6 @@ __all__ = [
 
 SPLITS = ("training", "validation", "test")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=4) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def load_datalist(path: str | os.PathLike, key: str = "training") -> list[dict[str, Any]]:

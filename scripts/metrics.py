@@ -425,7 +425,7 @@ def mcnemar_files(
 
 
 def _write_json(obj: Any, path: str | os.PathLike) -> Path:
-    from scripts.datalist import write_json_atomic
+    from scripts.common.files import write_json_atomic
 
     return write_json_atomic(obj, path)
 

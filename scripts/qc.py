@@ -29,7 +29,6 @@ least one input failed (rows are still all written); 4 when an input has no row 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import math
@@ -47,6 +46,7 @@ from scripts import performance
 from scripts.common.grid import T1_LINEAR_ORIGIN, grid_voxel, t1_linear_grid
 from scripts.common.values import as_bool, as_probability
 from scripts.datalist import bids_entities, load_datalist
+from scripts.qc_report import thumbnail_name
 
 __all__ = [
     "QC_STATUSES",
@@ -279,11 +279,6 @@ def bundle_version(bundle_root: str | os.PathLike = ".") -> str:
             except (OSError, ValueError):
                 continue
     return "unknown"
-
-
-def thumbnail_name(path: str) -> str:
-    """File name of a scan's thumbnail (JPEG) inside ``<output_dir>/qc_thumbnails``."""
-    return hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:20] + ".jpg"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,7 +645,7 @@ def read_qc_table(path: str | os.PathLike) -> list[dict[str, str]]:
 
 
 def _write_table(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    from scripts.preprocessing.io import atomic_write
+    from scripts.common.files import atomic_write
 
     def write(tmp: Path) -> None:
         # a file name that is not UTF-8 (os.listdir gives it surrogate escapes) is written as its own bytes
@@ -1141,7 +1136,7 @@ class QCJob:
             return None
 
     def _thumbnail(self, r: dict[str, Any], saliency: np.ndarray | None) -> None:
-        from scripts.preprocessing.io import atomic_write
+        from scripts.common.files import atomic_write
         from scripts.qc_report import render_thumbnail
 
         try:

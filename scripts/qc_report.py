@@ -13,6 +13,7 @@ scans there are. Pictures are JPEG thumbnails embedded as base64 (about 5-10 KB 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
@@ -23,9 +24,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["central_slices", "render_thumbnail", "probability_histogram_svg", "write_report"]
+__all__ = ["central_slices", "render_thumbnail", "probability_histogram_svg", "thumbnail_name", "write_report"]
 
 _SCORED = ("ok", "warning")
+
+
+def thumbnail_name(path: str) -> str:
+    """File name of a scan's thumbnail (JPEG) inside ``<output_dir>/qc_thumbnails`` (a hash of the path's
+    bytes, so any file name, UTF-8 or not, gives a safe one)."""
+    return hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:20] + ".jpg"
 
 
 def central_slices(volume: np.ndarray) -> list[np.ndarray]:
@@ -190,8 +197,7 @@ def write_report(
         threshold: the decision threshold (drawn on the histogram).
         page_size: cards per page.
     """
-    from scripts.preprocessing.io import atomic_write
-    from scripts.qc import thumbnail_name
+    from scripts.common.files import atomic_write
 
     scored, failed = [], []
     counts: dict[str, int] = {}

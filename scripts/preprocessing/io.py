@@ -7,14 +7,13 @@ The helpers here convert between the two so that every array leaving this packag
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk  # noqa: N813 - the alias of SimpleITK's own documentation
+
+from scripts.common.files import atomic_write  # noqa: F401 - re-exported for the batch job
 
 from .errors import PreprocessingError
 
@@ -276,24 +275,3 @@ def is_image_file(path: Path) -> bool:
     """Whether a file name looks like a volume ITK can read as a whole (NIfTI, MetaImage, NRRD)."""
     name = path.name.lower()
     return name.endswith(_NIFTI_SUFFIXES) and not name.startswith(".")
-
-
-# ----------------------------------------------------------------------------------------------
-# writing
-# ----------------------------------------------------------------------------------------------
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Write a file atomically: ``write(tmp)`` to a hidden temporary file, then rename it.
-
-    The temporary file sits in the same folder and ends like ``path`` (so writers that pick the
-    format from the extension keep working); it is removed if ``write`` fails.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
