@@ -79,13 +79,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="ITK threads per scan (default 2)")
     parser.add_argument("--scans", type=int, default=3, help="number of synthetic scans (default 3)")
     parser.add_argument("--reference", action="store_true", help="also run an ANTs-like schedule on scan 0")
+    parser.add_argument(
+        "--realistic", action="store_true",
+        help="also the hard heads of issue 13: strong bias (x0.45-x2.2), neck and shoulders, tilted 40 deg",
+    )
     args = parser.parse_args()
 
     import SimpleITK as sitk
 
     from scripts.preprocessing.core import ras_matrix
     from scripts.preprocessing.io import ras_affine
-    from scripts.preprocessing.synthetic import make_head, make_scan
+    from scripts.preprocessing.synthetic import affine_from_parameters, make_head, make_scan
 
     head = make_head()
     mask = head[1]
@@ -105,6 +109,20 @@ def main() -> None:
             jobs.append((f"scan{i} {'x'.join(f'{s:g}' for s in spacing)}mm", path, truth, {}, scan.image.GetSize()))
             if i == 0 and args.reference:
                 jobs.append((f"scan{i} ANTs-like schedule", path, truth, REFERENCE, scan.image.GetSize()))
+        if args.realistic:
+            hard = {
+                "strong bias 1x1x1.2mm": dict(seed=6, spacing=(1.0, 1.0, 1.2), head=head, bias_strength=0.8),
+                "neck+shoulders 1mm": dict(seed=5, spacing=(1.0, 1.0, 1.0), head=make_head(-200.0, shoulders=True)),
+                "tilted 40deg 1mm": dict(
+                    seed=2, spacing=(1.0, 1.0, 1.0), head=head,
+                    transform=affine_from_parameters((-40.0, 10.0, 0.0), (5.0, -8.0, 6.0), (1.0, 1.0, 1.0)),
+                ),
+            }
+            for name, kwargs in hard.items():
+                scan = make_scan(**kwargs)
+                path = Path(tmp) / f"{name.split()[0]}.nii.gz"
+                sitk.WriteImage(scan.image, str(path))
+                jobs.append((name, path, ras_matrix(scan.transform), {}, scan.image.GetSize()))
         for name, path, truth, settings, size in jobs:
             start = time.perf_counter()
             out = _run(path, args.threads, settings)
@@ -130,9 +148,13 @@ def main() -> None:
     for row in rows:
         cells = [f"{v:.2f}" if isinstance(v, float) else str(v) for v in row]
         print(" | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)))
-    ok = [r for r in rows if "ANTs" not in r[0]]
-    print(f"mean total per scan (default settings): {np.mean([r[7] for r in ok]):.2f} s; "
+    ok = [r for r in rows if r[0].startswith("scan") and "ANTs" not in r[0]]
+    print(f"mean total per scan (default settings, typical heads): {np.mean([r[7] for r in ok]):.2f} s; "
           f"max peak RSS {max(r[10] for r in ok):.0f} MB")
+    hard_rows = [r for r in rows if not r[0].startswith("scan")]
+    if hard_rows:
+        print(f"hard heads: mean total {np.mean([r[7] for r in hard_rows]):.2f} s, "
+              f"max displacement error {max(r[11] for r in hard_rows):.2f} mm")
 
 
 if __name__ == "__main__":
