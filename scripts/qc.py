@@ -841,6 +841,13 @@ class QCJob:
         (self.output_dir / "qc_thumbnails").mkdir(parents=True, exist_ok=True)
         shard = items[self.rank :: self.world_size]
         done = self._recorded()
+        if self.thumbnails:  # a scored row whose thumbnail was lost is redone (same model: same row)
+            thumbs = self.output_dir / "qc_thumbnails"
+            done = {
+                k: r
+                for k, r in done.items()
+                if r.get("status") not in SCORED_STATUSES or (thumbs / thumbnail_name(k)).is_file()
+            }
         pending = [it for it in shard if it["image"] not in done]
         logger.info(
             "QC rank %d/%d: %d inputs in this shard, %d already recorded, %d to do (%d in total).",

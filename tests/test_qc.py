@@ -714,3 +714,24 @@ def test_every_convolutional_network_declares_its_gradcam_layer(tmp_path):
     vit = ViT3D(input_size=SMALL_SHAPE, patch_grid=(2, 2, 2), hidden_size=32, mlp_dim=64, num_layers=1, num_heads=2)
     job = QCJob(input=[], network=vit, output_dir=tmp_path / "v", loader=ScanLoader(SMALL_SHAPE), progress=False)
     assert job.saliency == "none"
+
+
+def test_lost_thumbnails_are_regenerated_on_a_rerun(small_demo, tmp_path):
+    """Issue 14 defect 14: a thumbnail deleted after a run was never made again (the report showed a hole)."""
+    from scripts.qc import thumbnail_name
+
+    net = save_small_model(tmp_path / "m.pt", seed=3)
+    scans = [str(s) for s in _demo_scans(small_demo)[:2]]
+
+    def run():
+        return QCJob(input=scans, network=net, output_dir=tmp_path / "out", loader=ScanLoader(SMALL_SHAPE),
+                     num_workers=0, saliency="gradcam", thumbnails=True, report=False, progress=False).run()
+
+    assert run() == {"ok": 2}
+    lost = tmp_path / "out" / "qc_thumbnails" / thumbnail_name(scans[0])
+    kept = tmp_path / "out" / "qc_thumbnails" / thumbnail_name(scans[1])
+    before = kept.stat().st_mtime_ns
+    lost.unlink()
+    assert run() == {"ok": 2}
+    assert lost.is_file() and kept.stat().st_mtime_ns == before  # only the lost one was redone
+    assert len(read_qc_table(tmp_path / "out" / "qc.tsv")) == 2
