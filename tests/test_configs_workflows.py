@@ -40,7 +40,7 @@ def _workflow(files, workflow_type, out_dir, dataset_dir, **override):
 
 def _cli(*args: str, cwd: Path = BUNDLE_ROOT) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "monai.bundle", "run", *args, "--meta_file", META, "--logging_file", LOGGING]
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=900)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 

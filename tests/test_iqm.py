@@ -298,7 +298,7 @@ def test_baseline_end_to_end_and_mcnemar(tmp_path):
         "--dataset_dir", str(data), "--output_dir", str(out), "--n_iter", "5", "--num_workers", "2", "--n_jobs", "1",
         "--param_distributions#n_estimators", "[10, 30]", "--progress", "False",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=BUNDLE_ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     with open(out / "predictions.csv", newline="") as fh:

@@ -62,7 +62,7 @@ def source(tmp_path_factory) -> Path:
 
 
 def _run_bundle(*args: str, cwd: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert proc.returncode == 0, f"monai.bundle {args[0]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
 

@@ -32,7 +32,7 @@ def test_tune_allocator_returns_a_bool_is_idempotent_and_can_be_disabled():
             assert first is True
         print("ok")
         """)
-    out = subprocess.run([sys.executable, "-c", code], cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], cwd=BUNDLE_ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
