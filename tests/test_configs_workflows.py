@@ -231,3 +231,24 @@ def test_ckpt_export_matches_pytorch(trained, tmp_path):
     x = torch.randn(2, 1, *SMALL_SHAPE)
     with torch.no_grad():
         assert torch.allclose(scripted(x), net(x), atol=1e-5)
+
+
+def test_inference_reads_and_normalises_images_exactly_as_training(small_demo):
+    """Issue 14: inference.yaml copies train.yaml's load and normalisation transforms with nothing binding
+    them; this fails as soon as one side changes (a transform, an argument, the order) without the other."""
+    train, infer = ConfigParser(), ConfigParser()
+    train.read_config(str(CONFIGS / "train.yaml"))
+    infer.read_config(str(CONFIGS / "inference.yaml"))
+    assert train.get("normalize") == infer.get("normalize")
+    loads = {name: [{k: v for k, v in t.items() if k != "spatial_size"} for t in cfg]
+             for name, cfg in (("train", train.get("train#deterministic_transforms")), ("infer", infer.get("load_transforms")))}
+    assert loads["train"] == loads["infer"]
+    for parser in (train, infer):
+        parser["spatial_size"] = list(SMALL_SHAPE)
+    item = {"image": str(sorted(small_demo.rglob("*.nii.gz"))[0])}
+    from monai.transforms import Compose
+
+    ours = Compose(train.get_parsed_content("train#deterministic_transforms") + train.get_parsed_content("normalize"))
+    theirs = infer.get_parsed_content("preprocessing")
+    a, b = ours(dict(item))["image"], theirs(dict(item))["image"]
+    assert a.shape == b.shape and torch.equal(torch.as_tensor(a), torch.as_tensor(b))
