@@ -35,7 +35,7 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 _MIN_VOXELS = 8  # along each axis
 _MIN_FOV_MM = 60.0  # along each axis
-_NIFTI_SUFFIXES = (".nii", ".nii.gz", ".img", ".hdr", ".mha", ".mhd", ".nrrd", ".nhdr")
+_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".img", ".hdr", ".mha", ".mhd", ".nrrd", ".nhdr")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,4 +274,4 @@ def check_dicom_slices(files: list[str] | tuple[str, ...], folder: str | Path, t
 def is_image_file(path: Path) -> bool:
     """Whether a file name looks like a volume ITK can read as a whole (NIfTI, MetaImage, NRRD)."""
     name = path.name.lower()
-    return name.endswith(_NIFTI_SUFFIXES) and not name.startswith(".")
+    return name.endswith(_VOLUME_SUFFIXES) and not name.startswith(".")
