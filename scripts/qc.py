@@ -44,6 +44,7 @@ import torch
 
 from scripts import performance
 from scripts.common.grid import T1_LINEAR_ORIGIN, grid_voxel, t1_linear_grid
+from scripts.common.statuses import SCORED_STATUSES, statuses
 from scripts.common.values import as_bool, as_probability
 from scripts.datalist import bids_entities, load_datalist
 from scripts.qc_report import thumbnail_name
@@ -64,33 +65,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Statuses of a row. ``ok`` and ``warning`` rows are scored; the others are not.
-QC_STATUSES: dict[str, str] = {
-    "ok": "scored",
-    "warning": "scored, but the reason names something unusual (e.g. the image looks skull-stripped)",
-    "not_found": "the input path does not exist",
-    "empty_file": "the file has 0 bytes",
-    "empty_folder": "the folder holds no file",
-    "unsupported_format": "not a NIfTI/MetaImage/NRRD file or a DICOM series folder (by extension)",
-    "unreadable": "the file or folder could not be read as an image (corrupt, truncated, not an image)",
-    "not_3d": "not a 3D volume (2D, 4D with more than one volume, vector pixels, a single slice)",
-    "too_small": "fewer than 8 voxels or under 60 mm of field of view along an axis",
-    "low_resolution": "voxels coarser than max_voxel_mm along an axis (thick slices)",
-    "non_finite": "NaN or infinite voxels",
-    "empty": "no usable intensities (all zero, constant or almost empty)",
-    "not_brain": "not a T1w brain in t1-linear space (low smoothed correlation with the template, upside down, "
-    "or a label map)",
-    "wrong_space": "input_space is t1_linear but the image is not on the t1-linear grid",
-    "dicom_missing_slice": "a DICOM series with a gap of about a slice or more",
-    "dicom_nonuniform_spacing": "a DICOM series with unequal slice spacing or non-parallel slices",
-    "registration_failed": "ITK failed during bias correction or registration",
-    "registration_diverged": "the registration to the template is implausible (reflection, scaling, low correlation)",
-    "out_of_memory": "the network ran out of memory on this scan, even alone",
-    "inference_failed": "the network raised an error on this scan, or its output was not finite (NaN)",
-    "worker_crashed": "the process handling this scan died twice with the scan alone (out-of-memory killer?)",
-    "internal_error": "an unexpected exception (a bug); the reason holds its type and message",
-}
-SCORED_STATUSES = ("ok", "warning")
+#: Statuses of a row (a subset of :data:`scripts.common.statuses.STATUSES`). ``ok`` and ``warning`` rows
+#: are scored; the others are not.
+QC_STATUSES: dict[str, str] = statuses(
+    "ok", "warning", "not_found", "empty_file", "empty_folder", "unsupported_format", "unreadable", "not_3d",
+    "too_small", "low_resolution", "non_finite", "empty", "not_brain", "wrong_space", "dicom_missing_slice",
+    "dicom_nonuniform_spacing", "registration_failed", "registration_diverged", "out_of_memory",
+    "inference_failed", "worker_crashed", "internal_error",
+)  # fmt: skip
 
 #: Columns of ``qc.tsv``, in order.
 TSV_COLUMNS = (

@@ -8,27 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from scripts.common.statuses import statuses
+
 __all__ = ["ERROR_CODES", "PreprocessingError"]
 
-#: Every code a :class:`PreprocessingError` may carry, with what it means. A scan that went
-#: through has the status ``"ok"``.
-ERROR_CODES: dict[str, str] = {
-    "not_found": "the input path does not exist",
-    "unreadable": "the file or folder could not be read as NIfTI or as a DICOM series",
-    "not_3d": "the image is not a 3D volume (2D, or 4D with more than one volume, or vector pixels)",
-    "too_small": "fewer than 8 voxels along an axis, or a field of view under 60 mm along an axis",
-    "empty": "no usable intensities (all zero, constant, or not finite)",
-    "dicom_missing_slice": "a DICOM series has a gap of about a whole slice (or more) between positions",
-    "dicom_nonuniform_spacing": "a DICOM series has unequal slice spacing or slices that are not parallel",
-    "registration_failed": "ITK raised an error during bias correction or registration",
-    "registration_diverged": (
-        "the affine is implausible (scaling outside the allowed range, or a reflection) or the "
-        "registered image correlates too weakly with the template inside the brain mask"
-    ),
-    "write_failed": "the outputs could not be written",
-    "duplicate_id": "two inputs map to the same participant/session output name",
-    "internal_error": "an unexpected exception (a bug); the reason holds its type and message",
-}
+#: Every code a :class:`PreprocessingError` may carry (a subset of the shared vocabulary,
+#: :data:`scripts.common.statuses.STATUSES`). A scan that went through has the status ``"ok"``.
+ERROR_CODES: dict[str, str] = statuses(
+    "not_found", "unreadable", "not_3d", "too_small", "empty", "dicom_missing_slice", "dicom_nonuniform_spacing",
+    "registration_failed", "registration_diverged", "write_failed", "duplicate_id", "internal_error",
+)  # fmt: skip
 
 
 class PreprocessingError(Exception):
