@@ -283,19 +283,26 @@ def test_out_of_memory_and_a_killed_worker_become_rows(small_demo, tmp_path):
     assert rows[scans[0].name]["model_sha256"] == "untrained"
 
 
-def test_kill_and_resume_from_the_command_line(small_demo, tmp_path):
-    """SIGKILL the whole job (main process and workers) mid-run, restart: every input exactly once."""
+def _cli_job(small_demo: Path, tmp_path: Path, copies: int, workers: int) -> tuple[list[str], Path, Path]:
+    """A small model in ``tmp_path/models``, ``copies`` copies of the demo scans, and the QC command line
+    over them: ``(command, inputs folder, output folder)``."""
     save_small_model(tmp_path / "models" / "model.pt", seed=2)
     inputs = tmp_path / "scans"
     inputs.mkdir()
-    for k in range(2):
+    for k in range(copies):
         for scan in _demo_scans(small_demo):
             shutil.copy(scan, inputs / f"copy{k}_{scan.name}")
-    n = len(list(inputs.iterdir()))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.yaml"),
            "--meta_file", str(CONFIGS / "metadata.json"), "--bundle_root", str(tmp_path), "--input", str(inputs),
-           "--output_dir", str(out), "--spatial_size", str(list(SMALL_SHAPE)), "--num_workers", "1"]
+           "--output_dir", str(out), "--spatial_size", str(list(SMALL_SHAPE)), "--num_workers", str(workers)]
+    return cmd, inputs, out
+
+
+def test_kill_and_resume_from_the_command_line(small_demo, tmp_path):
+    """SIGKILL the whole job (main process and workers) mid-run, restart: every input exactly once."""
+    cmd, inputs, out = _cli_job(small_demo, tmp_path, copies=2, workers=1)
+    n = len(list(inputs.iterdir()))
     log = (tmp_path / "first.log").open("wb")
     proc = subprocess.Popen(cmd, cwd=BUNDLE_ROOT, stdout=log, stderr=log, start_new_session=True)
     journal = out / ".qc" / "journal-rank0.jsonl"
@@ -519,16 +526,7 @@ def test_a_file_name_that_is_not_utf8_gets_its_row_and_the_table_is_written(smal
 
 def test_workers_die_with_a_killed_main_process(small_demo, tmp_path):
     """Issue 14 defect 8: SIGKILL to the main process alone used to leave its preprocessing workers running."""
-    save_small_model(tmp_path / "models" / "model.pt", seed=2)
-    inputs = tmp_path / "scans"
-    inputs.mkdir()
-    for k in range(3):
-        for scan in _demo_scans(small_demo):
-            shutil.copy(scan, inputs / f"copy{k}_{scan.name}")
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.yaml"),
-           "--meta_file", str(CONFIGS / "metadata.json"), "--bundle_root", str(tmp_path), "--input", str(inputs),
-           "--output_dir", str(out), "--spatial_size", str(list(SMALL_SHAPE)), "--num_workers", "2"]
+    cmd, _, out = _cli_job(small_demo, tmp_path, copies=3, workers=2)
     log = (tmp_path / "run.log").open("wb")
     proc = subprocess.Popen(cmd, cwd=BUNDLE_ROOT, stdout=log, stderr=log, start_new_session=True)
     journal = out / ".qc" / "journal-rank0.jsonl"
