@@ -331,7 +331,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    work = Path(args.work or tempfile.mkdtemp(prefix="bench_training_"))
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_training_")).resolve()  # the rows run elsewhere
     work.mkdir(parents=True, exist_ok=True)
     shape, _ = t1_linear_grid(args.voxel_size)
     cfg = _train_config()
