@@ -19,7 +19,6 @@ Command line: ``python -m scripts.demo <output_dir> [--clinical] [--n N] [--seed
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import logging
 import os
@@ -32,9 +31,9 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from scripts.common.files import write_nifti
+from scripts.common.files import write_json_atomic, write_nifti, write_rows_atomic
 from scripts.common.grid import T1_LINEAR_EXTENT, T1_LINEAR_ORIGIN, t1_linear_grid
-from scripts.datalist import split_participants, write_json_atomic
+from scripts.datalist import split_participants
 from scripts.motion.torchio_motion import torchio_motion
 from scripts.synthetic_heads import (
     apply_acquisition,
@@ -201,14 +200,7 @@ def make_clinical_demo(
             }
         )
         logger.info("clinical demo: wrote %s (grade %d%s)", rel, grade, ", straight reject" if reject else "")
-    tsv = out / "ratings.tsv"
-    tmp = tsv.with_name(f".{tsv.name}.tmp{os.getpid()}")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, tsv)
-    return tsv
+    return write_rows_atomic(rows, out / "ratings.tsv", list(rows[0]), delimiter="\t", extrasaction="raise")
 
 
 def _generate_once(root: Path, product: str, what: str, generate: Callable[[Path], Path]) -> Path:

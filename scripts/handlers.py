@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -12,7 +11,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from scripts.datalist import write_json_atomic
+from scripts.common.files import atomic_write, write_json_atomic, write_rows_atomic
 from scripts.metrics import binary_metrics, evaluation_statistics, save_roc_plot, write_threshold
 from scripts.transforms import image_source
 
@@ -59,15 +58,7 @@ def stack_output(
 
 def write_csv_atomic(rows: Sequence[dict[str, Any]], path: str | os.PathLike, fieldnames: Sequence[str]) -> Path:
     """Write ``rows`` to a CSV file through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(fieldnames), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-    return path
+    return write_rows_atomic(rows, path, fieldnames)
 
 
 class PredictionWriter:
@@ -257,11 +248,7 @@ class TrainingCheckpoint:
 
     def save(self, engine: Engine | None = None) -> Path:
         state = {name: obj.state_dict() for name, obj in self.save_dict.items()}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
-        return self.path
+        return atomic_write(self.path, lambda tmp: torch.save(state, tmp))
 
     def load(self, engine: Engine | None = None) -> bool:
         """Restore everything from ``path`` if it exists; returns whether it did."""

@@ -64,6 +64,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
+from scripts.common.files import atomic_write
 from scripts.metrics import binary_metrics
 
 __all__ = [
@@ -579,17 +580,8 @@ def _iqm_worker(args: tuple[str, int, bool, bool]) -> dict[str, Any]:
 
 
 def _atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write ``text`` to ``path`` atomically (line endings as given)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, newline=""))
 
 
 def _rows_to_tsv(rows: Iterable[Mapping[str, Any]], fields: Sequence[str]) -> str:

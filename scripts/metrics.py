@@ -20,6 +20,8 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from scripts.common.files import atomic_write, write_json_atomic, write_rows_atomic
+
 __all__ = [
     "BinaryMetrics",
     "binary_metrics",
@@ -350,13 +352,10 @@ def save_roc_plot(
     ax.set_ylim(0, 1.02)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, fig.savefig)  # the temporary name ends in .png: savefig picks the format
+    finally:
+        plt.close(fig)
 
 
 def read_predictions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
@@ -420,19 +419,13 @@ def mcnemar_files(
         **res.__dict__,
     }
     if output:
-        _write_json(out, output)
+        write_json_atomic(out, output)
     return out
-
-
-def _write_json(obj: Any, path: str | os.PathLike) -> Path:
-    from scripts.common.files import write_json_atomic
-
-    return write_json_atomic(obj, path)
 
 
 def write_threshold(selection: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Save a threshold choice (:func:`choose_threshold`) as JSON where inference can read it."""
-    return _write_json(dict(selection), path)
+    return write_json_atomic(dict(selection), path)
 
 
 def read_threshold(path: str | os.PathLike | None, default: float = 0.5) -> float:
@@ -509,15 +502,8 @@ def summarise_folds(rows: Sequence[Mapping[str, Any]], output_dir: str | os.Path
         summary[split] = entry
     if output_dir is not None:
         out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        fields = ["fold", "split", "n", *metric_names]
-        tmp = out / f".cv_folds.csv.tmp{os.getpid()}"
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, out / "cv_folds.csv")
-        _write_json(summary, out / "cv_summary.json")
+        write_rows_atomic(rows, out / "cv_folds.csv", ["fold", "split", "n", *metric_names])
+        write_json_atomic(summary, out / "cv_summary.json")
     return summary
 
 

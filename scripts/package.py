@@ -37,6 +37,7 @@ from pathlib import Path
 
 import yaml
 
+from scripts.common.files import atomic_write
 from scripts.integrity import WeightIntegrityError, expected_hash, file_hash
 
 __all__ = ["BUNDLE_NAME", "bundle_version", "bundle_files", "zip_name", "build_package", "main"]
@@ -146,10 +147,7 @@ def build_package(
             f"pass --weights_url to publish new weights with their own hash."
         )
 
-    out = Path(output_dir) / zip_name(version, name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
+    def write(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w") as zf:
             entries = {arc: src.read_bytes() for src, arc in bundle_files(root)}
             if not exclude_weights:
@@ -160,11 +158,8 @@ def build_package(
                 entries[published[2].name] = published[2].read_bytes()
             for arc in sorted(entries):
                 _add(zf, f"{name}/{arc}", entries[arc])
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+
+    return atomic_write(Path(output_dir) / zip_name(version, name), write)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from scripts import performance
+from scripts.common.files import write_rows_atomic
 from scripts.common.grid import T1_LINEAR_ORIGIN, grid_voxel, t1_linear_grid
 from scripts.common.statuses import SCORED_STATUSES, statuses
 from scripts.common.values import as_bool, as_probability
@@ -627,16 +628,8 @@ def read_qc_table(path: str | os.PathLike) -> list[dict[str, str]]:
 
 
 def _write_table(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    from scripts.common.files import atomic_write
-
-    def write(tmp: Path) -> None:
-        # a file name that is not UTF-8 (os.listdir gives it surrogate escapes) is written as its own bytes
-        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-            writer = csv.DictWriter(f, fieldnames=TSV_COLUMNS, delimiter="\t", extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write(path, write)
+    # a file name that is not UTF-8 (os.listdir gives it surrogate escapes) is written as its own bytes
+    write_rows_atomic(rows, path, TSV_COLUMNS, delimiter="\t", errors="surrogateescape")
 
 
 # ---------------------------------------------------------------------------------------------

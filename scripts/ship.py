@@ -33,7 +33,8 @@ import numpy as np
 import torch
 import yaml
 
-from scripts.datalist import load_datalist, write_json_atomic
+from scripts.common.files import atomic_write, write_json_atomic
+from scripts.datalist import load_datalist
 from scripts.integrity import file_hash
 from scripts.metrics import binary_metrics, choose_threshold
 
@@ -106,14 +107,12 @@ def _write_large_files(bundle_root: Path, rel: str, sha256: str) -> Path:
     entries = [e for e in content.get("large_files", []) if e.get("path") != rel]
     entries.insert(0, {"path": rel, "hash_val": sha256, "hash_type": "sha256"})
     content["large_files"] = entries
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(
+    text = (
         "# Large files of the bundle; scripts/integrity.py checks each hash at every load.\n"
         "# models/model.pt is committed in the repository (float16 state dict, loaded into float32).\n"
         + yaml.safe_dump(content, sort_keys=False)
     )
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def ship(
@@ -143,14 +142,15 @@ def ship(
     models = root / "models"
     models.mkdir(parents=True, exist_ok=True)
     target = models / "model.pt"
-    tmp = models / f".model.pt.tmp{os.getpid()}"
-    torch.save(half, tmp)
-    size = tmp.stat().st_size
-    if size > MAX_BYTES:
-        tmp.unlink()
-        raise ValueError(f"{size} bytes > {MAX_BYTES}: too large to commit")
-    sha = file_hash(tmp, "sha256")
-    os.replace(tmp, target)
+
+    def write(tmp: Path) -> None:  # refused before it replaces anything
+        torch.save(half, tmp)
+        if tmp.stat().st_size > MAX_BYTES:
+            raise ValueError(f"{tmp.stat().st_size} bytes > {MAX_BYTES}: too large to commit")
+
+    atomic_write(target, write)
+    size = target.stat().st_size
+    sha = file_hash(target, "sha256")
     _write_large_files(root, "models/model.pt", sha)
     record = (
         dict(selection)

@@ -866,7 +866,7 @@ def make_synthetic_dataset(
     """
     from pathlib import Path
 
-    from scripts.datalist import write_json_atomic
+    from scripts.common.files import write_json_atomic
 
     out = Path(output_dir)
     datalist = out / "datalist.json"

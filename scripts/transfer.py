@@ -300,7 +300,8 @@ def run_cross_validation(
 
 
 def _main(argv: Sequence[str] | None = None) -> None:
-    from scripts.datalist import rater_agreement, read_ratings, write_json_atomic
+    from scripts.common.files import write_json_atomic
+    from scripts.datalist import rater_agreement, read_ratings
 
     parser = argparse.ArgumentParser(description="Transfer-learning study utilities.")
     sub = parser.add_subparsers(dest="command", required=True)

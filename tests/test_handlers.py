@@ -81,7 +81,7 @@ def test_training_checkpoint_resumes_where_it_stopped(tmp_path):
     ckpt.attach(trainer)
     trainer.run(data, max_epochs=2)
     saved = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert saved["trainer"]["iteration"] == 10 and not list(tmp_path.glob(".last.pt.tmp*"))
+    assert saved["trainer"]["iteration"] == 10 and not list(tmp_path.glob(".tmp-*"))
     # a new process: fresh objects, a longer run and another learning rate
     net2 = torch.nn.Linear(3, 1)
     opt2 = torch.optim.Adam(net2.parameters(), lr=0.01)

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
-__all__ = ["atomic_write", "write_json_atomic", "write_nifti"]
+__all__ = ["atomic_write", "write_json_atomic", "write_rows_atomic", "write_nifti"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -36,6 +37,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=4) + "\n"))
+
+
+def write_rows_atomic(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    fieldnames: Sequence[str],
+    delimiter: str = ",",
+    extrasaction: str = "ignore",
+    errors: str = "strict",
+) -> Path:
+    """Write ``rows`` as a CSV/TSV table with a header (``csv.DictWriter``) atomically. ``errors`` is the
+    text encoding's error handler (``"surrogateescape"`` keeps file names that are not UTF-8 as bytes)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8", errors=errors) as f:
+            writer = csv.DictWriter(f, fieldnames=list(fieldnames), delimiter=delimiter, extrasaction=extrasaction)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return atomic_write(path, write)
 
 
 def write_nifti(volume: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:

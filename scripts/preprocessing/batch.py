@@ -14,7 +14,6 @@ a re-run skips scans whose three files exist (and re-tries failed ones).
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -30,9 +29,11 @@ from typing import Any
 import nibabel as nib
 import SimpleITK as sitk  # noqa: N813 - the alias of SimpleITK's own documentation
 
+from scripts.common.files import atomic_write, write_rows_atomic
+
 from .core import PreprocessingResult, T1LinearSettings, preprocess_t1_linear
 from .errors import PreprocessingError
-from .io import atomic_write, is_image_file
+from .io import is_image_file
 from .template import SPACE_LABEL
 
 try:  # the progress bar is optional
@@ -238,13 +239,7 @@ def _worker_init(threads: int) -> None:
 def write_table(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Write the batch table (TSV, :data:`TSV_COLUMNS`) atomically."""
 
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=TSV_COLUMNS, delimiter="\t", extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-
-    return atomic_write(path, write)
+    return write_rows_atomic(rows, path, TSV_COLUMNS, delimiter="\t")
 
 
 class BatchPreprocessor:
