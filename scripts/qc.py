@@ -523,10 +523,9 @@ class ScanLoader:
 
     def warm_up(self) -> None:
         """Compute the template references once (forked workers inherit them)."""
-        from scripts.preprocessing.quality import BrainGate, template_on_grid
+        from scripts.preprocessing.quality import brain_evidence
 
-        template_on_grid(self.spatial_size)
-        BrainGate().check(np.zeros(self.spatial_size, dtype=np.float32))
+        brain_evidence(np.zeros(self.spatial_size, dtype=np.float32))  # fills the template caches
 
     def _brain_checks(self, array: np.ndarray) -> list[str]:
         from scripts.preprocessing.quality import BrainGate, template_on_grid
@@ -892,7 +891,7 @@ class QCJob:
         for record in self._attempts().get(key, []):
             if record.get("crashed"):
                 count += 1
-            elif record.get("isolated") and not record.get("in_worker") and "crashed" not in record:
+            elif record.get("isolated") and not record.get("in_worker"):
                 count += 1
             elif record.get("interrupted"):
                 count -= 1

@@ -42,7 +42,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, RandomizableTransform
 
 from scripts.common.files import write_nifti
-from scripts.common.grid import T1_LINEAR_ORIGIN, t1_linear_grid
+from scripts.common.grid import T1_LINEAR_ORIGIN, grid_voxel, t1_linear_grid
 
 __all__ = [
     "REGIMES",
@@ -931,7 +931,7 @@ def make_non_brain(kind: str, head: torch.Tensor | np.ndarray, seed: int = 0) ->
     elif kind == "misregistered":
         shift = [0, 0, 0]
         axis = rng.randint(0, 3)
-        shift[axis] = int(round(rng.uniform(45, 60) * shape[0] / 169.0))  # mm -> voxels of this grid
+        shift[axis] = int(round(rng.uniform(45, 60) / grid_voxel(shape)))  # mm -> voxels of this grid
         shift[axis] *= 1 if rng.uniform() < 0.5 else -1
         out = ndimage.shift(h, shift, order=0, mode="constant")
     elif kind == "body_part":

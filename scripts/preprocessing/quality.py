@@ -26,15 +26,18 @@ __all__ = ["SIGMA_MM", "BrainEvidence", "BrainGate", "template_on_grid", "templa
 SIGMA_MM = 6.0
 
 
-@functools.lru_cache(maxsize=4)
 def template_on_grid(spatial_size: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Template intensities, brain mask and a 4-12 mm shell outside the brain on a grid sampling the
     t1-linear box with ``spatial_size`` voxels (exact sub-grid when the voxel is an integer, cached)."""
+    return _template_on_grid(tuple(int(s) for s in spatial_size))  # a list works too
+
+
+@functools.lru_cache(maxsize=4)
+def _template_on_grid(key: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from scipy import ndimage
 
     from scripts.preprocessing.template import template_on_crop_grid
 
-    key = tuple(int(s) for s in spatial_size)
     template, mask = template_on_crop_grid()
     voxel = _grid_voxel(key)
     step = int(round(voxel))
@@ -153,24 +156,32 @@ class BrainGate:
     flip_margin: float = 0.05
 
     def check(self, array: np.ndarray) -> tuple[str, str, BrainEvidence]:
+        """``(verdict, reason, evidence)`` for an image on a t1-linear grid; the first rule that applies wins."""
         e = brain_evidence(array, self.sigma_mm)
         what = f"smoothed ({self.sigma_mm:g} mm) correlation with the MNI template {e.similarity:.2f}"
-        if e.distinct_values <= self.max_label_values:
-            return (
+        rules = (
+            (
+                e.distinct_values <= self.max_label_values,
                 "not_brain",
                 f"only {e.distinct_values} distinct intensities inside the brain: a label map or an almost empty "
                 "image, not a scan",
-                e,
-            )
-        if e.similarity < self.refuse_below:
-            return "not_brain", f"{what} < {self.refuse_below:g}: not a T1w brain in t1-linear space", e
-        if e.flipped_similarity > e.similarity + self.flip_margin:
-            return (
+            ),
+            (
+                e.similarity < self.refuse_below,
                 "not_brain",
-                f"{what} < {e.flipped_similarity:.2f} with the template flipped: the head is upside down "
-                "or back to front",
-                e,
-            )
-        if e.similarity < self.doubt_below:
-            return "doubtful", f"{what} < {self.doubt_below:g}: check that this is a T1w brain", e
-        return "ok", "", e
+                f"{what} < {self.refuse_below:g}: not a T1w brain in t1-linear space",
+            ),
+            (
+                e.flipped_similarity > e.similarity + self.flip_margin,
+                "not_brain",
+                f"{what} < {e.flipped_similarity:.2f} with the template flipped: the head is upside down or back to "
+                "front",
+            ),
+            (
+                e.similarity < self.doubt_below,
+                "doubtful",
+                f"{what} < {self.doubt_below:g}: check that this is a T1w brain",
+            ),
+        )
+        verdict, reason = next(((v, r) for applies, v, r in rules if applies), ("ok", ""))
+        return verdict, reason, e
