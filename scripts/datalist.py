@@ -1,4 +1,5 @@
-"""Datalists: reading and writing them, participant-level splits, class weights, inference inputs.
+"""Datalists: participant-level splits, class weights, clinical ratings (reading them and inference inputs:
+:mod:`scripts.common.inputs`).
 
 A datalist is a decathlon-style JSON file ``{"training": [...], "validation": [...], "test": [...]}``
 whose items are at least ``{"image": path, "label": int}`` plus ``participant_id`` and
@@ -8,10 +9,8 @@ whose items are at least ``{"image": path, "label": int}`` plus ``participant_id
 from __future__ import annotations
 
 import csv
-import json
 import os
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,11 @@ import torch
 
 from scripts.common.files import write_json_atomic  # noqa: F401 - re-exported: datalists are written with it
 
+# re-exported: configs read datalists as scripts.datalist.load_datalist; the resolver lives in the bottom layer
+from scripts.common.inputs import bids_entities, load_datalist, resolve_inputs  # noqa: F401
+
 __all__ = [
     "SPLITS",
-    "NIFTI_SUFFIXES",
     "load_datalist",
     "write_json_atomic",
     "split_participants",
@@ -41,34 +42,6 @@ __all__ = [
 ]
 
 SPLITS = ("training", "validation", "test")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-def load_datalist(path: str | os.PathLike, key: str = "training") -> list[dict[str, Any]]:
-    """Items of split ``key`` of a datalist JSON file, with image paths made absolute.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file is not valid JSON, lacks the split, or an item lacks ``image``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist {path} does not exist.")
-    try:
-        content = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"datalist {path} is not valid JSON: {e}") from e
-    if key not in content:
-        raise ValueError(f"datalist {path} has no '{key}' list (it has {sorted(content)}).")
-    items = []
-    for i, item in enumerate(content[key]):
-        if "image" not in item:
-            raise ValueError(f"datalist {path}: item {i} of '{key}' has no 'image'.")
-        item = dict(item)
-        image = Path(os.path.expanduser(str(item["image"])))
-        item["image"] = str(image if image.is_absolute() else (path.parent / image))
-        items.append(item)
-    return items
 
 
 def split_participants(
@@ -130,71 +103,6 @@ def class_weights(
         counts[1] += moved
     weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1e-12)), 0.0)
     return torch.as_tensor(weights, dtype=torch.float32)
-
-
-_ENTITY = re.compile(r"(sub|ses)-([A-Za-z0-9]+)")
-
-
-def bids_entities(path: str | os.PathLike) -> dict[str, str]:
-    """``participant_id`` and ``session_id`` read from BIDS/CAPS names (``sub-X``, ``ses-Y``) in a path.
-
-    The file name wins over folder names; missing entities are empty strings.
-    """
-    found: dict[str, str] = {}
-    for part in Path(path).parts:  # later parts (the file name) override folders
-        for key, value in _ENTITY.findall(part):
-            found[key] = f"{key}-{value}"
-    return {"participant_id": found.get("sub", ""), "session_id": found.get("ses", "")}
-
-
-def _is_nifti(path: Path) -> bool:
-    return path.name.endswith(NIFTI_SUFFIXES)
-
-
-def resolve_inputs(source: str | os.PathLike | Iterable[str], datalist_key: str = "test") -> list[dict[str, Any]]:
-    """Turn what a user points inference at into datalist items ``{"image", "participant_id", "session_id"}``.
-
-    ``source`` may be:
-      - a datalist JSON file (items of ``datalist_key``),
-      - a CSV/TSV file with an ``image`` (or ``path``) column, relative paths resolved against its folder,
-      - a folder, searched recursively for ``.nii``/``.nii.gz`` files (sorted),
-      - one NIfTI file,
-      - a list of any of these.
-
-    Raises:
-        FileNotFoundError: a path does not exist. ValueError: nothing usable was found.
-    """
-    if not isinstance(source, (str, os.PathLike)):
-        return [item for s in source for item in resolve_inputs(s, datalist_key)]
-    path = Path(os.path.expanduser(str(source)))
-    if not path.exists():
-        raise FileNotFoundError(f"inference input {path} does not exist.")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _is_nifti(p))
-        if not files:
-            raise ValueError(f"folder {path} contains no .nii or .nii.gz file.")
-        items = [{"image": str(p)} for p in files]
-    elif path.suffix == ".json":
-        items = load_datalist(path, datalist_key)
-    elif path.suffix in (".csv", ".tsv"):
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
-        column = next((c for c in ("image", "path") if rows and c in rows[0]), None)
-        if column is None:
-            raise ValueError(f"{path} needs an 'image' or 'path' column.")
-        items = []
-        for row in rows:
-            image = Path(row.pop(column))
-            items.append({**row, "image": str(image if image.is_absolute() else path.parent / image)})
-    elif _is_nifti(path):
-        items = [{"image": str(path)}]
-    else:
-        raise ValueError(f"{path} is not a datalist (.json), a list (.csv/.tsv), a folder or a NIfTI file.")
-    for item in items:
-        for key, value in bids_entities(item["image"]).items():
-            if not item.get(key):
-                item[key] = value
-    return items
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ def test_every_job_uses_the_shared_words():
 
 
 def test_every_qc_status_is_documented():
-    doc = (BUNDLE_ROOT / "docs" / "qc.md").read_text()
+    doc = (BUNDLE_ROOT / "docs" / "qc.md").read_text(encoding="utf-8")
     missing = [code for code in QC_STATUSES if f"`{code}`" not in doc]
     assert not missing
 

@@ -240,9 +240,10 @@ def test_inference_reads_and_normalises_images_exactly_as_training(small_demo):
     train.read_config(str(CONFIGS / "train.yaml"))
     infer.read_config(str(CONFIGS / "inference.yaml"))
     assert train.get("normalize") == infer.get("normalize")
-    loads = {name: [{k: v for k, v in t.items() if k != "spatial_size"} for t in cfg]
-             for name, cfg in (("train", train.get("train#deterministic_transforms")), ("infer", infer.get("load_transforms")))}
-    assert loads["train"] == loads["infer"]
+    assert train.get("read_transforms") == infer.get("read_transforms")
+    assert train.get("validate_image") == infer.get("validate_image")
+    assert train.get("train#deterministic_transforms") == infer.get("load_transforms") == "$@read_transforms + [@validate_image]"
+    assert infer.get("qc_loader#read") == "$monai.transforms.Compose(@read_transforms)"  # the QC job reads the same way
     for parser in (train, infer):
         parser["spatial_size"] = list(SMALL_SHAPE)
     item = {"image": str(sorted(small_demo.rglob("*.nii.gz"))[0])}
@@ -252,3 +253,25 @@ def test_inference_reads_and_normalises_images_exactly_as_training(small_demo):
     theirs = infer.get_parsed_content("preprocessing")
     a, b = ours(dict(item))["image"], theirs(dict(item))["image"]
     assert a.shape == b.shape and torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+
+
+def test_qc_loader_reads_and_normalises_t1_linear_images_exactly_as_inference(small_demo):
+    """Issue 14: the QC job read images its own way; its loader is now assembled from inference.yaml's own
+    read and normalisation transforms, and gives the tensor the plain MONAI pipeline gives."""
+    from scripts.qc import ScanLoader, default_read_transforms
+
+    infer = ConfigParser()
+    infer.read_config(str(CONFIGS / "inference.yaml"))
+    infer["spatial_size"] = list(SMALL_SHAPE)
+    item = {"image": str(sorted(small_demo.rglob("*.nii.gz"))[0])}
+    expected = torch.as_tensor(infer.get_parsed_content("preprocessing")(dict(item))["image"])
+    loader = infer.get_parsed_content("qc_loader")
+    assert isinstance(loader, ScanLoader) and loader.read is not None
+    out = loader(dict(item))
+    assert out["status"] in ("ok", "warning") and out["input_space"] == "t1_linear", out
+    assert out["image"].shape == expected.shape and torch.equal(out["image"], expected)
+    from monai.transforms import Compose
+
+    plain = Compose(default_read_transforms())(dict(item))["image"]  # the loader's default when built in Python
+    config = infer.get_parsed_content("qc_loader#read")(dict(item))["image"]
+    assert torch.equal(torch.as_tensor(plain), torch.as_tensor(config))

@@ -1,18 +1,12 @@
-"""Tests of scripts.datalist: loading, participant-level splits, class weights, inference inputs."""
+"""Tests of scripts.datalist: participant-level splits, class weights, clinical ratings (reading datalists and
+inference inputs: tests/test_common_inputs.py)."""
 
 import json
 
 import pytest
 import torch
 
-from scripts.datalist import (
-    bids_entities,
-    class_weights,
-    load_datalist,
-    resolve_inputs,
-    split_participants,
-    write_json_atomic,
-)
+from scripts.datalist import class_weights, split_participants
 
 
 def _items(n_participants, sessions=2):
@@ -55,50 +49,6 @@ def test_class_weights_from_labels_and_expected_motion():
     assert torch.allclose(class_weights([{"label": 0}] * 10, motion_prob=0.25), torch.tensor([10 / 15, 10 / 5]))
     with pytest.raises(ValueError, match="labels must be"):
         class_weights([{"label": 3}])
-
-
-def test_load_datalist_resolves_relative_paths_and_reports_errors(tmp_path):
-    path = write_json_atomic({"training": [{"image": "a/b.nii.gz", "label": 0}]}, tmp_path / "dl.json")
-    items = load_datalist(path)
-    assert items[0]["image"] == str(tmp_path / "a" / "b.nii.gz")
-    with pytest.raises(ValueError, match="no 'test' list"):
-        load_datalist(path, "test")
-    (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
-        load_datalist(tmp_path / "bad.json")
-    with pytest.raises(FileNotFoundError):
-        load_datalist(tmp_path / "missing.json")
-
-
-def test_bids_entities():
-    assert bids_entities("/d/sub-01/ses-M000/anat/sub-01_ses-M000_T1w.nii.gz") == {
-        "participant_id": "sub-01", "session_id": "ses-M000"
-    }
-    assert bids_entities("/d/scan.nii") == {"participant_id": "", "session_id": ""}
-
-
-def test_resolve_inputs_folder_file_list_and_datalist(tmp_path):
-    for name in ("sub-02/ses-A/sub-02_ses-A_T1w.nii.gz", "sub-01/x.nii", "notes.txt"):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_bytes(b"")
-    folder = resolve_inputs(tmp_path)
-    assert [i["image"] for i in folder] == [str(tmp_path / "sub-01/x.nii"), str(tmp_path / "sub-02/ses-A/sub-02_ses-A_T1w.nii.gz")]
-    assert folder[1]["participant_id"] == "sub-02" and folder[1]["session_id"] == "ses-A"
-    assert folder[0]["participant_id"] == "sub-01"
-    single = resolve_inputs(tmp_path / "sub-01/x.nii")
-    assert len(single) == 1
-    (tmp_path / "list.tsv").write_text("image\tsite\nsub-01/x.nii\tP1\n")
-    listed = resolve_inputs(tmp_path / "list.tsv")
-    assert listed == [{"site": "P1", "image": str(tmp_path / "sub-01/x.nii"), "participant_id": "sub-01", "session_id": ""}]
-    (tmp_path / "dl.json").write_text(json.dumps({"test": [{"image": "sub-01/x.nii", "participant_id": "P"}]}))
-    assert resolve_inputs(tmp_path / "dl.json")[0]["participant_id"] == "P"
-    with pytest.raises(FileNotFoundError):
-        resolve_inputs(tmp_path / "nope.nii.gz")
-    with pytest.raises(ValueError, match="not a datalist"):
-        resolve_inputs(tmp_path / "notes.txt")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no .nii"):
-        resolve_inputs(tmp_path / "empty")
 
 
 # ---- clinical ratings: consensus, task labels, grouped stratified folds, rater agreement ----

@@ -1,4 +1,4 @@
-"""Batch QC (scripts/qc.py, configs/inference.yaml): a malformed-input suite mixed with good scans,
+"""Batch QC (scripts/qc/, configs/inference.yaml): a malformed-input suite mixed with good scans,
 out-of-memory and crashed workers, resumption, and kill-and-resume from the command line."""
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from monai.bundle import ConfigWorkflow
 from conftest import BUNDLE_ROOT, SMALL_SHAPE
 from ecosystem_helpers import save_small_model
 
-from scripts.qc import _read_jsonl, QC_STATUSES, TSV_COLUMNS, QCJob, ScanLoader, collect_inputs, read_journal, read_qc_table
+from scripts.qc import QC_STATUSES, TSV_COLUMNS, QCJob, ScanLoader, collect_inputs, read_journal, read_qc_table
+from scripts.qc.journal import read_jsonl
 
 CONFIGS = BUNDLE_ROOT / "configs"
 
@@ -323,7 +324,7 @@ def test_kill_and_resume_from_the_command_line(small_demo, tmp_path):
     rows = read_qc_table(out / "qc.tsv")
     assert sorted(r["path"] for r in rows) == sorted(str(p) for p in inputs.iterdir())
     assert all(r["status"] == "ok" for r in rows)
-    assert len(_read_jsonl(out / ".qc" / "journal-rank0.jsonl")) == n  # recorded scans were not redone
+    assert len(read_jsonl(out / ".qc" / "journal-rank0.jsonl")) == n  # recorded scans were not redone
 
 
 def test_rerun_with_a_new_threshold_only_redoes_decisions(batch, tmp_path):
@@ -575,7 +576,7 @@ def test_a_torn_journal_line_is_repaired_and_a_missing_row_fails_the_run(small_d
     assert job(scans).run() == {"ok": 3}
     rows = read_qc_table(tmp_path / "out" / "qc.tsv")
     assert sorted(r["path"] for r in rows) == sorted(scans)
-    assert len(_read_jsonl(journal)) == 3 and journal.read_text().endswith("\n")
+    assert len(read_jsonl(journal)) == 3 and journal.read_text().endswith("\n")
 
     class _Lossy(QCJob):  # a shard that records nothing for one input (as a failed rank would)
         def _merged(self, items):

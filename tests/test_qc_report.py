@@ -1,4 +1,4 @@
-"""The QC HTML report (scripts/qc_report.py): thumbnails, histogram, paging with 10,000 scans, and a
+"""The QC HTML report (scripts/qc/report.py): thumbnails, histogram, paging with 10,000 scans, and a
 look at it in headless Chromium (skipped when no Chromium is installed)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from conftest import SMALL_SHAPE
 from ecosystem_helpers import save_small_model
 
 from scripts.qc import QCJob, ScanLoader, read_qc_table, thumbnail_name
-from scripts.qc_report import central_slices, probability_histogram_svg, render_thumbnail, write_report
+from scripts.qc.report import central_slices, probability_histogram_svg, render_thumbnail, write_report
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium)")

@@ -30,10 +30,10 @@ import nibabel as nib
 import SimpleITK as sitk  # noqa: N813 - the alias of SimpleITK's own documentation
 
 from scripts.common.files import atomic_write, write_rows_atomic
+from scripts.common.inputs import bids_entities, find_scan_paths, strip_suffix
 
 from .core import PreprocessingResult, T1LinearSettings, preprocess_t1_linear
 from .errors import PreprocessingError
-from .io import is_image_file
 from .template import SPACE_LABEL
 
 try:  # the progress bar is optional
@@ -91,66 +91,36 @@ def _label(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]", "", text) or "unnamed"
 
 
-def _strip_suffix(name: str) -> str:
-    for suffix in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".img", ".hdr"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _is_dicom_folder(folder: Path) -> bool:
-    files = [f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")]
-    if not files or any(is_image_file(f) for f in files):
-        return False
-    try:
-        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    except RuntimeError:
-        return False
-
-
 def find_scans(input_dir: str | Path) -> list[ScanInput]:
-    """The scans of a BIDS dataset, a plain folder, or a single file/DICOM folder.
+    """The scans of a BIDS dataset, a CAPS tree, a plain folder, or a single file/DICOM folder, as found by
+    the bundle's one input resolver (:func:`scripts.common.inputs.find_scan_paths`).
 
-    - BIDS (the folder has ``sub-*`` folders): every ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]``;
-      participant and session come from the path, other entities (``acq-``, ``run-``...) stay in
-      the output prefix.
-    - Plain folder: every NIfTI/MetaImage/NRRD file and every folder holding a DICOM series
-      (searched recursively; a DICOM folder is not searched further). The participant label is the
-      path relative to ``input_dir`` without extension and non-alphanumeric characters; the session
-      is ``ses-M000``.
+    - BIDS (``sub-*/[ses-*/]anat/*_T1w.nii[.gz]``) and CAPS: participant and session come from the path,
+      other entities (``acq-``, ``run-``...) stay in the output prefix.
+    - Plain folder: every NIfTI/Analyze/MetaImage/NRRD file and every folder holding a DICOM series
+      (searched recursively, symbolic links followed once). The participant label is the path relative to
+      ``input_dir`` without extension and non-alphanumeric characters; the session is ``ses-M000``.
     """
     root = Path(input_dir)
     if not root.exists():
         raise FileNotFoundError(f"input_dir {root} does not exist")
-    if root.is_file() or _is_dicom_folder(root):
-        label = _label(_strip_suffix(root.name))
+    if root.is_file():
+        label = _label(strip_suffix(root.name))
         return [ScanInput(root, f"sub-{label}", DEFAULT_SESSION, f"sub-{label}_{DEFAULT_SESSION}")]
-    subjects = sorted(p for p in root.glob("sub-*") if p.is_dir())
+    layout, paths = find_scan_paths(root)
     scans: list[ScanInput] = []
-    if subjects:
-        for sub in subjects:
-            anat_dirs = sorted(sub.glob("ses-*/anat")) + ([sub / "anat"] if (sub / "anat").is_dir() else [])
-            for anat in anat_dirs:
-                session = anat.parent.name if anat.parent.name.startswith("ses-") else DEFAULT_SESSION
-                for f in sorted(anat.glob("*_T1w.nii*")):
-                    stem = _strip_suffix(f.name)[: -len("_T1w")]
-                    entities = [e for e in stem.split("_") if not e.startswith(("sub-", "ses-"))]
-                    prefix = "_".join([sub.name, session, *entities])
-                    scans.append(ScanInput(f, sub.name, session, prefix))
-        return scans
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        dirnames.sort()
-        if here != root and _is_dicom_folder(here):
-            dirnames[:] = []
-            label = _label(str(here.relative_to(root)))
-            scans.append(ScanInput(here, f"sub-{label}", DEFAULT_SESSION, f"sub-{label}_{DEFAULT_SESSION}"))
+    for f in paths:
+        if layout in ("bids", "caps"):
+            entities = bids_entities(f)
+            session = entities["session_id"] or DEFAULT_SESSION
+            stem = strip_suffix(f.name)
+            stem = stem[: -len("_T1w")] if stem.endswith("_T1w") else stem
+            others = [e for e in stem.split("_") if not e.startswith(("sub-", "ses-"))]
+            prefix = "_".join([entities["participant_id"], session, *others])
+            scans.append(ScanInput(f, entities["participant_id"], session, prefix))
             continue
-        for name in sorted(filenames):
-            f = here / name
-            if is_image_file(f):
-                label = _label(_strip_suffix(str(f.relative_to(root))))
-                scans.append(ScanInput(f, f"sub-{label}", DEFAULT_SESSION, f"sub-{label}_{DEFAULT_SESSION}"))
+        label = _label(strip_suffix(root.name if layout == "dicom" else str(f.relative_to(root))))
+        scans.append(ScanInput(f, f"sub-{label}", DEFAULT_SESSION, f"sub-{label}_{DEFAULT_SESSION}"))
     return scans
 
 

@@ -24,7 +24,6 @@ __all__ = [
     "image_from_array",
     "image_to_array",
     "image_to_nifti",
-    "is_image_file",
     "nifti_to_image",
     "ras_affine",
     "read_image",
@@ -35,7 +34,6 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 _MIN_VOXELS = 8  # along each axis
 _MIN_FOV_MM = 60.0  # along each axis
-_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".img", ".hdr", ".mha", ".mhd", ".nrrd", ".nhdr")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,9 +267,3 @@ def check_dicom_slices(files: list[str] | tuple[str, ...], folder: str | Path, t
             f"the median {median:.3f} mm",
         )
     return median
-
-
-def is_image_file(path: Path) -> bool:
-    """Whether a file name looks like a volume ITK can read as a whole (NIfTI, MetaImage, NRRD)."""
-    name = path.name.lower()
-    return name.endswith(_VOLUME_SUFFIXES) and not name.startswith(".")

@@ -1,4 +1,4 @@
-"""Benchmark of batch QC (configs/inference.yaml, scripts/qc.py) at full size: scans/s and peak memory.
+"""Benchmark of batch QC (configs/inference.yaml, scripts/qc/) at full size: scans/s and peak memory.
 
     python tests/benchmarks/bench_inference.py [--n 12] [--repeat 3] [--raw 2] [--cores 2] [--skip-raw] [--voxel-size 1]
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["central_slices", "render_thumbnail", "probability_histogram_svg", "thumbnail_name", "write_report"]
+from scripts.common.statuses import SCORED_STATUSES
 
-_SCORED = ("ok", "warning")
+__all__ = ["central_slices", "render_thumbnail", "probability_histogram_svg", "thumbnail_name", "write_report"]
 
 
 def thumbnail_name(path: str) -> str:
@@ -203,7 +203,7 @@ def write_report(
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-        if r["status"] in _SCORED and r.get("prob_motion") not in (None, ""):
+        if r["status"] in SCORED_STATUSES and r.get("prob_motion") not in (None, ""):
             scored.append(r)
         else:
             failed.append(r)
