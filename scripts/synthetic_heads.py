@@ -608,7 +608,7 @@ def sample_motion_params(
     return p
 
 
-def apply_motion(img: torch.Tensor, affine: Any, params: Mapping[str, Any], backend: str = "auto") -> torch.Tensor:
+def apply_motion(img: torch.Tensor, affine: Any, params: Mapping[str, Any], resampler: str = "auto") -> torch.Tensor:
     """Apply a motion drawn by :func:`sample_motion_params` to an ``(X, Y, Z)`` object."""
     from scripts.motion import RandKSpaceMotion, apply_image_motion
 
@@ -624,12 +624,12 @@ def apply_motion(img: torch.Tensor, affine: Any, params: Mapping[str, Any], back
             torch.tensor(params["times"]),
             phase_axis=params["phase_axis"],
             output="magnitude",
-            backend=backend,
+            resampler=resampler,
         )
     elif sim == "kspace":
         g = params["level"] / 2.0
         motion = RandKSpaceMotion(
-            prob=1.0, global_disp=(g, g), global_rot=(g, g), phase_axis=params["phase_axis"], backend=backend
+            prob=1.0, global_disp=(g, g), global_rot=(g, g), phase_axis=params["phase_axis"], resampler=resampler
         )
         motion.set_random_state(seed=int(params["seed"]))
         out = torch.as_tensor(motion(MetaTensor(vol, affine=aff)))
@@ -664,7 +664,7 @@ class SyntheticHeadPaird(RandomizableTransform, MapTransform):
         acquisition_base: ``"train"`` (all nuisances drawn) or ``"none"`` (all off but the overrides).
         voxel_size: 1 mm for the real size; larger for tests.
         anatomy_reuse: calls per rendered anatomy.
-        backend: resampling back-end of the motion simulators.
+        resampler: resampler of the motion simulators.
     """
 
     def __init__(
@@ -679,7 +679,7 @@ class SyntheticHeadPaird(RandomizableTransform, MapTransform):
         acquisition_base: str = "train",
         voxel_size: float = 1.0,
         anatomy_reuse: int = 1,
-        backend: str = "auto",
+        resampler: str = "auto",
     ) -> None:
         MapTransform.__init__(self, keys)
         RandomizableTransform.__init__(self, prob=1.0)
@@ -688,7 +688,7 @@ class SyntheticHeadPaird(RandomizableTransform, MapTransform):
         self.label_key, self.regime = label_key, regime
         self.simulators, self.simulator_weights, self.severity = list(simulators), simulator_weights, tuple(severity)
         self.acquisition, self.acquisition_base = dict(acquisition or {}), acquisition_base
-        self.voxel_size, self.anatomy_reuse, self.backend = float(voxel_size), int(anatomy_reuse), backend
+        self.voxel_size, self.anatomy_reuse, self.resampler = float(voxel_size), int(anatomy_reuse), resampler
         self.anatomy: dict[str, Any] = {}
         self.contrast: dict[str, Any] = {}
         self.acq: dict[str, Any] = {}
@@ -715,7 +715,9 @@ class SyntheticHeadPaird(RandomizableTransform, MapTransform):
         images = [apply_acquisition(obj, head, self.acq, self.voxel_size)]
         if moved:
             images.append(
-                apply_acquisition(apply_motion(obj, affine, self.motion, self.backend), head, self.acq, self.voxel_size)
+                apply_acquisition(
+                    apply_motion(obj, affine, self.motion, self.resampler), head, self.acq, self.voxel_size
+                )
             )
         return tuple(images)
 

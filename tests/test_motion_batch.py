@@ -17,7 +17,7 @@ def _batch(n=4):
 
 def test_image_batch_equals_per_sample_and_labels():
     batch = _batch()
-    prep = MotionPrepareBatch("image", prob=0.5, seed=1, severity="severe", backend="grid_sample")
+    prep = MotionPrepareBatch("image", prob=0.5, seed=1, severity="severe", resampler="grid_sample")
     images, labels = prep(batch, torch.device("cpu"))
     assert 0 < len(prep.last_selected) < 4
     assert labels.tolist() == [int(i in prep.last_selected) for i in range(4)]
@@ -26,7 +26,7 @@ def test_image_batch_equals_per_sample_and_labels():
         if i in prep.last_selected:
             p = prep.last_params[prep.last_selected.index(i)]
             ref = apply_image_motion(batch["image"][i].as_tensor(), torch.eye(4), p["degrees"], p["translation"],
-                                     p["times"], backend="grid_sample")
+                                     p["times"], resampler="grid_sample")
             torch.testing.assert_close(images[i].as_tensor(), ref)
         else:
             torch.testing.assert_close(images[i], batch["image"][i])
@@ -35,11 +35,11 @@ def test_image_batch_equals_per_sample_and_labels():
 
 def test_kspace_batch_seeded():
     batch = _batch(3)
-    a = MotionPrepareBatch("kspace", prob=1.0, seed=5, n_t=40, backend="eager")(batch, "cpu")
-    prep = MotionPrepareBatch("kspace", prob=1.0, seed=5, n_t=40, backend="eager")
+    a = MotionPrepareBatch("kspace", prob=1.0, seed=5, n_t=40, resampler="eager")(batch, "cpu")
+    prep = MotionPrepareBatch("kspace", prob=1.0, seed=5, n_t=40, resampler="eager")
     b = prep(batch, "cpu")
     torch.testing.assert_close(a[0], b[0])
     assert b[1].tolist() == [1, 1, 1]
     ref = apply_kspace_motion(batch["image"][2].as_tensor(), torch.eye(4), prep.last_params[2]["course"],
-                              backend="eager")
+                              resampler="eager")
     torch.testing.assert_close(b[0][2].as_tensor(), ref)

@@ -52,7 +52,7 @@ def test_segment_layout_swaps_identity_to_centre():
 
 def test_zero_motion_returns_input():
     v = _phantom()
-    out = apply_image_motion(v, AFF, torch.zeros(4, 3), torch.zeros(4, 3), TIMES, backend="grid_sample")
+    out = apply_image_motion(v, AFF, torch.zeros(4, 3), torch.zeros(4, 3), TIMES, resampler="grid_sample")
     torch.testing.assert_close(out, v, atol=1e-5, rtol=0)
 
 
@@ -61,7 +61,7 @@ def test_pure_translation_segments_use_exactly_shifted_image():
     v = _phantom()
     times = torch.tensor([0.3, 0.45, 0.55, 0.7])
     trans = torch.tensor([[2.0, -3.0, 1.0]]).repeat(4, 1)  # LPS mm; pull-back u_in = u + (-2, 3, 1)
-    out = apply_image_motion(v, AFF, torch.zeros(4, 3), trans, times, center="world_origin", backend="compiled")
+    out = apply_image_motion(v, AFF, torch.zeros(4, 3), trans, times, center="world_origin", resampler="compiled")
     shifted = torch.full_like(v[0], float(v.min()))
     shifted[2:, :-3, :-1] = v[0, :-2, 3:, 1:]
     expected = _naive(v[0], dict.fromkeys(range(4), shifted), times, 2, "real")
@@ -73,7 +73,7 @@ def test_one_segment_translation_integer_shift():
     v = _phantom()
     times = torch.tensor([0.7])  # N = 1: segment 0 = unmoved (contains the centre), segment 1 moved
     trans = torch.tensor([[0.0, 0.0, 3.0]])
-    out = apply_image_motion(v, AFF, torch.zeros(1, 3), trans, times, output="magnitude", backend="eager")
+    out = apply_image_motion(v, AFF, torch.zeros(1, 3), trans, times, output="magnitude", resampler="eager")
     shifted = torch.full_like(v, float(v.min()))
     shifted[..., :-3] = v[..., 3:]  # pull-back u_in = u + 3 along z
     expected = _naive(v[0], {0: shifted[0]}, times, 2, "magnitude")
@@ -93,22 +93,22 @@ def test_slab_dft_equals_full_fft_stitching(axis, output, order):
     a, b = _index_maps(AFF, v.shape[1:], DEG, TRANS, "image")
     moved = {r: resample_rigid(v, a[r], b[r], v.min(), "eager")[0] for r in range(4)}
     inp = v if order == "C" else v.permute(0, 3, 2, 1).contiguous().permute(0, 3, 2, 1)  # as nibabel loads
-    ours = apply_image_motion(inp, AFF, DEG, TRANS, times, phase_axis=axis, output=output, backend="eager")
+    ours = apply_image_motion(inp, AFF, DEG, TRANS, times, phase_axis=axis, output=output, resampler="eager")
     assert ours.stride() == inp.stride()  # the memory layout is kept
     torch.testing.assert_close(ours[0], _naive(v[0], moved, times, axis, output), atol=2e-4, rtol=0)
 
 
-def test_compiled_backend_equals_eager_on_fortran_input():
+def test_compiled_resampler_equals_eager_on_fortran_input():
     v = _phantom((29, 34, 27)).permute(0, 3, 2, 1).contiguous().permute(0, 3, 2, 1)
-    ref = apply_image_motion(v, AFF, DEG, TRANS, TIMES, phase_axis=1, backend="eager")
-    out = apply_image_motion(v, AFF, DEG, TRANS, TIMES, phase_axis=1, backend="compiled")
+    ref = apply_image_motion(v, AFF, DEG, TRANS, TIMES, phase_axis=1, resampler="eager")
+    out = apply_image_motion(v, AFF, DEG, TRANS, TIMES, phase_axis=1, resampler="compiled")
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
 def test_parseval_energy():
     """Output energy equals the stitched spectrum energy (Parseval), magnitude output."""
     v = _phantom()
-    out = apply_image_motion(v, AFF, DEG, TRANS, TIMES, output="magnitude", backend="eager")
+    out = apply_image_motion(v, AFF, DEG, TRANS, TIMES, output="magnitude", resampler="eager")
     from scripts.motion.image_motion import _index_maps
 
     a, b = _index_maps(AFF, v.shape[1:], DEG, TRANS, "image")
@@ -127,14 +127,14 @@ def test_matches_torchio_for_same_parameters():
     motion = tio.Motion(degrees={"image": DEG.numpy()}, translation={"image": TRANS.numpy()},
                         times={"image": TIMES.numpy()}, image_interpolation={"image": "linear"})
     ref = motion(subject)["image"].data
-    ours = apply_image_motion(v, AFF, DEG, TRANS, TIMES, center="world_origin", backend="grid_sample")
+    ours = apply_image_motion(v, AFF, DEG, TRANS, TIMES, center="world_origin", resampler="grid_sample")
     assert (ref - v).abs().max() > 0.5  # the motion is visible
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)  # documented tolerance
 
 
 def test_transform_preserves_type_dtype_meta_and_reproducible():
     img = MetaTensor(_phantom(), affine=AFF.float())
-    t = RandImageMotion(prob=1.0, degrees=(2, 8), translation=(2, 8), num_transforms=4, backend="grid_sample")
+    t = RandImageMotion(prob=1.0, degrees=(2, 8), translation=(2, 8), num_transforms=4, resampler="grid_sample")
     t.set_random_state(3)
     a = t(img)
     assert isinstance(a, MetaTensor) and a.shape == img.shape and a.dtype == torch.float32
@@ -143,7 +143,7 @@ def test_transform_preserves_type_dtype_meta_and_reproducible():
     torch.testing.assert_close(t(img), a)
     assert not torch.allclose(t(img), a)
     core = ImageMotion(t.last_params()["degrees"], t.last_params()["translation"], t.last_params()["times"],
-                       backend="grid_sample")
+                       resampler="grid_sample")
     torch.testing.assert_close(core(img), t(img, randomize=False))
     t0 = RandImageMotion(prob=0.0)
     assert t0(img) is img
@@ -154,7 +154,7 @@ def test_transform_preserves_type_dtype_meta_and_reproducible():
 def test_dict_transform_label_params_metrics_collate():
     data = [{"image": MetaTensor(_phantom(seed=i), affine=AFF.float()), "label": 0} for i in range(6)]
     t = RandImageMotiond(keys="image", label_key="label", prob=0.5, params_key="motion_params",
-                         metrics_key="motion_metrics", severity="moderate", backend="grid_sample")
+                         metrics_key="motion_metrics", severity="moderate", resampler="grid_sample")
     t.set_random_state(2)
     out = [t(d) for d in data]
     applied = [bool(o["motion_params"]["applied"]) for o in out]

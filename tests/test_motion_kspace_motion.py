@@ -28,7 +28,7 @@ def _phantom(shape=(24, 28, 26), seed=0):
 
 def test_zero_motion_returns_input():
     v = _phantom()
-    out = apply_kspace_motion(v, EYE, torch.zeros(6, 200), backend="eager")
+    out = apply_kspace_motion(v, EYE, torch.zeros(6, 200), resampler="eager")
     torch.testing.assert_close(out, v, atol=1e-5, rtol=0)
 
 
@@ -37,7 +37,7 @@ def test_constant_translation_is_circular_shift(axis):
     v = _phantom()
     course = torch.zeros(6, 50)
     course[0], course[1], course[2] = 3.0, -2.0, 1.0
-    out = apply_kspace_motion(v, EYE, course, phase_axis=axis, output="real", backend="eager")
+    out = apply_kspace_motion(v, EYE, course, phase_axis=axis, output="real", resampler="eager")
     torch.testing.assert_close(out, torch.roll(v, (3, -2, 1), (1, 2, 3)), atol=1e-4, rtol=0)
 
 
@@ -45,7 +45,7 @@ def test_constant_rotation_is_rotated_image():
     v = _phantom()
     course = torch.zeros(6, 50)
     course[3:] = torch.tensor([4.0, -3.0, 5.0])[:, None]
-    out = apply_kspace_motion(v, EYE, course, n_segments=4, output="real", backend="eager")
+    out = apply_kspace_motion(v, EYE, course, n_segments=4, output="real", resampler="eager")
     c = (torch.tensor(v.shape[1:], dtype=torch.float64) - 1) / 2
     a = euler_to_matrix(torch.tensor([4.0, -3.0, 5.0], dtype=torch.float64)).T
     expected = resample_rigid(v, a, c - a @ c, v.min(), "eager")
@@ -57,7 +57,7 @@ def test_exact_model_is_line_by_line():
     v = _phantom((12, 14, 10))
     course, _ = random_time_course(np.random.RandomState(0), 40, global_disp=(2, 2), global_rot=(3, 3))
     out, planes = apply_kspace_motion(v, EYE, course, phase_axis=1, n_segments=10**6, output="magnitude",
-                                      backend="eager", return_plane_course=True)
+                                      resampler="eager", return_plane_course=True)
     c = (torch.tensor(v.shape[1:], dtype=torch.float64) - 1) / 2
     spec = torch.zeros(v.shape[1:], dtype=torch.complex128)
     for p in range(v.shape[2]):
@@ -80,8 +80,8 @@ def test_exact_model_is_line_by_line():
 def test_fewer_segments_approximate_the_exact_model():
     v = _phantom()
     course, _ = random_time_course(np.random.RandomState(1), 200, global_disp=(3, 3), global_rot=(3, 3))
-    exact = apply_kspace_motion(v, EYE, course, n_segments=10**6, backend="eager")
-    errs = [float((apply_kspace_motion(v, EYE, course, n_segments=k, backend="eager") - exact).norm()) for k in (2, 8, 16)]
+    exact = apply_kspace_motion(v, EYE, course, n_segments=10**6, resampler="eager")
+    errs = [float((apply_kspace_motion(v, EYE, course, n_segments=k, resampler="eager") - exact).norm()) for k in (2, 8, 16)]
     artefact = float((exact - v).norm())
     assert errs[0] > errs[2]
     assert errs[2] < 0.05 * artefact
@@ -92,7 +92,7 @@ def test_translation_preserves_energy():
     v = _phantom()
     course, _ = random_time_course(np.random.RandomState(2), 200, global_disp=(4, 4), global_rot=(0, 0))
     course[3:] = 0
-    out = apply_kspace_motion(v, EYE, course, backend="eager")
+    out = apply_kspace_motion(v, EYE, course, resampler="eager")
     assert float(out.pow(2).sum()) == pytest.approx(float(v.pow(2).sum()), rel=1e-4)
     assert (out - v).abs().max() > 0.1
 
@@ -108,7 +108,7 @@ def test_cluster_rotations():
 
 def test_random_transform_reproducible_and_severity():
     img = MetaTensor(_phantom(), affine=EYE.float())
-    t = RandKSpaceMotion(prob=1.0, severity="severe", backend="eager")
+    t = RandKSpaceMotion(prob=1.0, severity="severe", resampler="eager")
     t.set_random_state(4)
     a = t(img)
     assert isinstance(a, MetaTensor) and a.dtype == torch.float32 and a.shape == img.shape
@@ -118,11 +118,11 @@ def test_random_transform_reproducible_and_severity():
     assert dr == pytest.approx(float(p["global_rot"]), rel=1e-5)
     t.set_random_state(4)
     torch.testing.assert_close(t(img), a)
-    torch.testing.assert_close(KSpaceMotion(p["course"], backend="eager")(img), a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(KSpaceMotion(p["course"], resampler="eager")(img), a, atol=1e-5, rtol=0)
 
 
 def test_dict_transform_writes_label_params_metrics():
-    t = RandKSpaceMotiond(keys="image", prob=1.0, params_key="mp", metrics_key="mm", backend="eager", n_t=50)
+    t = RandKSpaceMotiond(keys="image", prob=1.0, params_key="mp", metrics_key="mm", resampler="eager", n_t=50)
     t.set_random_state(0)
     d = t({"image": MetaTensor(_phantom(), affine=EYE.float())})
     assert d["label"] == 1 and d["mp"]["course"].shape == (6, 50) and float(d["mp"]["applied"]) == 1.0

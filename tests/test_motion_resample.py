@@ -1,4 +1,4 @@
-"""Tests of scripts/motion/resample.py: rigid maps, Euler convention, resampling back-ends."""
+"""Tests of scripts/motion/resample.py: rigid maps, Euler convention, resamplers."""
 
 import numpy as np
 import pytest
@@ -36,24 +36,24 @@ def _random_map():
                            torch.tensor([7.0, 8.0, 6.5]))
 
 
-def test_backends_agree():
+def test_resamplers_agree():
     torch.manual_seed(0)
     vol = torch.rand(2, 14, 16, 13)
     a, b = _random_map()
-    ref = resample_rigid(vol, a, b, fill=-1.0, backend="eager")
-    for backend in ("grid_sample", "compiled"):
-        out = resample_rigid(vol, a, b, fill=-1.0, backend=backend)
+    ref = resample_rigid(vol, a, b, fill=-1.0, resampler="eager")
+    for resampler in ("grid_sample", "compiled"):
+        out = resample_rigid(vol, a, b, fill=-1.0, resampler=resampler)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     assert (ref == -1.0).any() and (ref != -1.0).any()
 
 
-@pytest.mark.parametrize("backend", ["eager", "grid_sample", "compiled"])
-def test_subtract_returns_moved_minus_input(backend):
+@pytest.mark.parametrize("resampler", ["eager", "grid_sample", "compiled"])
+def test_subtract_returns_moved_minus_input(resampler):
     torch.manual_seed(1)
     vol = torch.rand(1, 17, 9, 21)  # no axis a multiple of the compiled kernel's blocks
     a, b = _random_map()
-    ref = resample_rigid(vol, a[0], b[0], fill=-1.0, backend="eager")
-    out = resample_rigid(vol, a[0], b[0], fill=-1.0, backend=backend, subtract=True)
+    ref = resample_rigid(vol, a[0], b[0], fill=-1.0, resampler="eager")
+    out = resample_rigid(vol, a[0], b[0], fill=-1.0, resampler=resampler, subtract=True)
     torch.testing.assert_close(out, ref - vol, atol=1e-5, rtol=0)
 
 
@@ -65,12 +65,12 @@ def test_block_edges_pad_least():
 def test_non_finite_map_is_refused():
     vol = torch.rand(1, 6, 6, 6)
     with pytest.raises(ValueError, match="finite"):
-        resample_rigid(vol, torch.full((3, 3), float("nan")), torch.zeros(3), backend="compiled")
+        resample_rigid(vol, torch.full((3, 3), float("nan")), torch.zeros(3), resampler="compiled")
 
 
 def test_integer_shift_is_exact_with_fill():
     vol = torch.rand(1, 10, 12, 9)
-    out = resample_rigid(vol, torch.eye(3), torch.tensor([2.0, 0.0, -1.0]), fill=-5.0, backend="grid_sample")
+    out = resample_rigid(vol, torch.eye(3), torch.tensor([2.0, 0.0, -1.0]), fill=-5.0, resampler="grid_sample")
     expected = torch.full_like(vol, -5.0)
     expected[:, :8, :, 1:] = vol[:, 2:, :, :8]
     torch.testing.assert_close(out, expected)
@@ -78,7 +78,7 @@ def test_integer_shift_is_exact_with_fill():
 
 def test_identity_map_returns_input():
     vol = torch.rand(1, 9, 8, 7, dtype=torch.float64)
-    out = resample_rigid(vol, torch.eye(3), torch.zeros(3), backend="eager")
+    out = resample_rigid(vol, torch.eye(3), torch.zeros(3), resampler="eager")
     torch.testing.assert_close(out, vol)
 
 
@@ -99,13 +99,13 @@ class _Resampled(torch.utils.data.Dataset):
         from scripts.motion.resample import resample_rigid
 
         vol = torch.arange(6 * 7 * 8, dtype=torch.float32).reshape(1, 6, 7, 8)
-        return resample_rigid(vol, torch.eye(3), torch.tensor([0.5, 0.0, 0.0]), backend="auto")[0]
+        return resample_rigid(vol, torch.eye(3), torch.tensor([0.5, 0.0, 0.0]), resampler="auto")[0]
 
 
-def test_compiled_backend_runs_in_forked_dataloader_workers():
+def test_compiled_resampler_runs_in_forked_dataloader_workers():
     """The parent compiles first, then forked workers must not hang waiting on its compile pool."""
     vol = torch.arange(6 * 7 * 8, dtype=torch.float32).reshape(1, 6, 7, 8)
-    parent = resample_rigid(vol, torch.eye(3), torch.tensor([0.5, 0.0, 0.0]), backend="auto")
+    parent = resample_rigid(vol, torch.eye(3), torch.tensor([0.5, 0.0, 0.0]), resampler="auto")
     loader = torch.utils.data.DataLoader(_Resampled(), batch_size=1, num_workers=2, timeout=240)
     for out in loader:
         assert torch.allclose(out, parent, atol=1e-5)

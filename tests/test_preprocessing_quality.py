@@ -18,7 +18,7 @@ from scripts.preprocessing.quality import BrainGate, brain_evidence, template_on
 def head():
     """One synthetic head on the small grid: the generator, its object (before acquisition) and the clean image."""
     torch.set_num_threads(1)
-    gen = sh.SyntheticHeadPaird(voxel_size=SMALL_VOXEL, backend="grid_sample", anatomy_reuse=100)
+    gen = sh.SyntheticHeadPaird(voxel_size=SMALL_VOXEL, resampler="grid_sample", anatomy_reuse=100)
     gen.set_random_state(seed=11)
     gen.randomize()
     (clean,) = gen.render(moved=False)

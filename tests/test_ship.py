@@ -38,7 +38,7 @@ def test_ship_a_small_model(tmp_path):
     net = Conv5FC3(input_size=SMALL_SHAPE)
     ckpt = tmp_path / "last.pt"
     torch.save({"model": net.state_dict(), "optimizer": {}}, ckpt)
-    val = make_synthetic_dataset(tmp_path / "val", n=6, seed=11, voxel_size=SMALL_VOXEL, backend="grid_sample")
+    val = make_synthetic_dataset(tmp_path / "val", n=6, seed=11, voxel_size=SMALL_VOXEL, resampler="grid_sample")
     items = load_datalist(val, "validation")
     if len({it["label"] for it in items}) < 2:
         pytest.skip("the draw gave one class only")

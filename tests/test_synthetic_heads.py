@@ -15,7 +15,7 @@ SHAPE = (43, 52, 45)
 
 
 def _pair(seed: int, **kwargs) -> dict:
-    gen = sh.SyntheticHeadPaird(voxel_size=VOXEL, backend="grid_sample", **kwargs)
+    gen = sh.SyntheticHeadPaird(voxel_size=VOXEL, resampler="grid_sample", **kwargs)
     gen.set_random_state(seed=seed)
     return gen({"id": 0})
 
@@ -51,11 +51,11 @@ def test_only_motion_separates_the_classes(monkeypatch):
 
 def test_single_head_labels_share_the_draw():
     """SyntheticHeadd with the same seed gives the same head whether or not it is moved."""
-    clean = sh.SyntheticHeadd(prob=0.0, voxel_size=VOXEL, backend="grid_sample").set_random_state(seed=5)({})
-    moved = sh.SyntheticHeadd(prob=1.0, voxel_size=VOXEL, backend="grid_sample").set_random_state(seed=5)({})
+    clean = sh.SyntheticHeadd(prob=0.0, voxel_size=VOXEL, resampler="grid_sample").set_random_state(seed=5)({})
+    moved = sh.SyntheticHeadd(prob=1.0, voxel_size=VOXEL, resampler="grid_sample").set_random_state(seed=5)({})
     assert clean["label"] == 0 and moved["label"] == 1
     assert clean["motion"]["level"] == 0.0 and moved["motion"]["level"] > 0
-    pair = sh.SyntheticHeadPaird(voxel_size=VOXEL, backend="grid_sample").set_random_state(seed=5)({})
+    pair = sh.SyntheticHeadPaird(voxel_size=VOXEL, resampler="grid_sample").set_random_state(seed=5)({})
     assert torch.equal(clean["image"][0], pair["image"][0])
     assert torch.equal(moved["image"][0], pair["image"][1])
 
@@ -140,7 +140,7 @@ def test_unpair_batch_and_prepare_batch():
 
 
 def test_make_synthetic_dataset(tmp_path):
-    path = sh.make_synthetic_dataset(tmp_path / "set", n=4, seed=3, key="test", voxel_size=VOXEL, backend="grid_sample")
+    path = sh.make_synthetic_dataset(tmp_path / "set", n=4, seed=3, key="test", voxel_size=VOXEL, resampler="grid_sample")
     items = json.loads(path.read_text())["test"]
     assert len(items) == 4 and {it["label"] for it in items} <= {0, 1}
     for it in items:
@@ -150,7 +150,7 @@ def test_make_synthetic_dataset(tmp_path):
     assert sh.make_synthetic_dataset(tmp_path / "set", n=4, seed=3, key="test", voxel_size=VOXEL) == path
     assert path.stat().st_mtime_ns == mtime  # reused, not rewritten
     again = sh.make_synthetic_dataset(
-        tmp_path / "again", n=4, seed=3, key="test", voxel_size=VOXEL, backend="grid_sample"
+        tmp_path / "again", n=4, seed=3, key="test", voxel_size=VOXEL, resampler="grid_sample"
     )
     assert json.loads(again.read_text())["test"] == items
 

@@ -37,7 +37,7 @@ import torch
 from monai.transforms import RandomizableTransform, Transform
 
 from .base import RandMotionDictBase, as_volume, draw_phase_axis, parse_phase_axes, parse_range, wrap_like
-from .resample import Backend, dft_matrices, euler_to_matrix, resample_rigid, rigid_index_map
+from .resample import Resampler, dft_matrices, euler_to_matrix, resample_rigid, rigid_index_map
 
 __all__ = [
     "IMAGE_MOTION_PRESETS",
@@ -232,7 +232,7 @@ def apply_image_motion(
     phase_axis: int = 2,
     center: Center = "image",
     output: Output = "real",
-    backend: Backend = "auto",
+    resampler: Resampler = "auto",
 ) -> torch.Tensor:
     """Deterministic image-based motion of a channel-first volume.
 
@@ -245,7 +245,7 @@ def apply_image_motion(
         phase_axis: spatial axis (0, 1 or 2) along which k-space segments are stacked.
         center: rotation centre, ``"image"`` or ``"world_origin"`` (TorchIO's effective centre).
         output: ``"real"`` (TorchIO) or ``"magnitude"``.
-        backend: resampling back-end, see :func:`scripts.motion.resample.resample_rigid`.
+        resampler: resampler, see :func:`scripts.motion.resample.resample_rigid`.
 
     Returns:
         ``(C, X, Y, Z)`` tensor, same dtype and device as ``img``.
@@ -275,7 +275,7 @@ def apply_image_motion(
         fill = vol.min()
 
         def move(row: int, vol: torch.Tensor = vol, fill: torch.Tensor = fill) -> torch.Tensor:
-            return resample_rigid(vol.unsqueeze(0), a_p[row], b_p[row], fill, backend, subtract=True)[0]
+            return resample_rigid(vol.unsqueeze(0), a_p[row], b_p[row], fill, resampler, subtract=True)[0]
 
         target = out[ch].permute(*perm)
         res = _stitch_segments(
@@ -301,12 +301,12 @@ class ImageMotion(Transform):
         phase_axis: int = 2,
         center: Center = "image",
         output: Output = "real",
-        backend: Backend = "auto",
+        resampler: Resampler = "auto",
     ) -> None:
         self.degrees = torch.as_tensor(degrees, dtype=torch.float32).reshape(-1, 3)
         self.translation = torch.as_tensor(translation, dtype=torch.float32).reshape(-1, 3)
         self.times = torch.as_tensor(times, dtype=torch.float32).reshape(-1)
-        self.phase_axis, self.center, self.output, self.backend = phase_axis, center, output, backend
+        self.phase_axis, self.center, self.output, self.resampler = phase_axis, center, output, resampler
 
     def __call__(self, img: Any) -> Any:
         data, affine = as_volume(img, where="ImageMotion")
@@ -319,7 +319,7 @@ class ImageMotion(Transform):
             self.phase_axis,
             self.center,
             self.output,
-            self.backend,
+            self.resampler,
         )
         return wrap_like(res, img)
 
@@ -336,7 +336,7 @@ class RandImageMotion(RandomizableTransform):
         center: ``"image"`` or ``"world_origin"`` (TorchIO's effective centre).
         output: ``"real"`` (TorchIO) or ``"magnitude"``.
         severity: optional preset name of :data:`IMAGE_MOTION_PRESETS`; overrides the three ranges.
-        backend: resampling back-end.
+        resampler: resampler.
     """
 
     def __init__(
@@ -349,7 +349,7 @@ class RandImageMotion(RandomizableTransform):
         center: Center = "image",
         output: Output = "real",
         severity: str | None = None,
-        backend: Backend = "auto",
+        resampler: Resampler = "auto",
     ) -> None:
         RandomizableTransform.__init__(self, prob)
         if severity is not None:
@@ -365,7 +365,7 @@ class RandImageMotion(RandomizableTransform):
         self.translation = parse_range(translation, "translation")
         self.num_transforms = int(num_transforms)
         self.phase_axes = parse_phase_axes(phase_axis, "RandImageMotion")
-        self.center, self.output, self.backend = center, output, backend
+        self.center, self.output, self.resampler = center, output, resampler
         self._params: dict[str, torch.Tensor] | None = None
         self._axis = self.phase_axes[0]
 
@@ -386,7 +386,15 @@ class RandImageMotion(RandomizableTransform):
         data, affine = as_volume(img, where="RandImageMotion")
         p = self._params
         res = apply_image_motion(
-            data, affine, p["degrees"], p["translation"], p["times"], self._axis, self.center, self.output, self.backend
+            data,
+            affine,
+            p["degrees"],
+            p["translation"],
+            p["times"],
+            self._axis,
+            self.center,
+            self.output,
+            self.resampler,
         )
         return wrap_like(res, img)
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from monai.transforms import RandomizableTransform, Transform
 
 from .base import RandMotionDictBase, as_volume, draw_phase_axis, parse_phase_axes, wrap_like
-from .resample import Backend, dft_matrices, euler_to_matrix, resample_rigid, voxel_spacing
+from .resample import Resampler, dft_matrices, euler_to_matrix, resample_rigid, voxel_spacing
 from .timecourse import KSPACE_MOTION_PRESETS, TIME_COURSE_DEFAULTS, demean_course, random_time_course, resample_course
 
 __all__ = [
@@ -123,7 +123,7 @@ def _simulate_volume(
     n_segments: int,
     weights: torch.Tensor,
     output: Output,
-    backend: Backend,
+    resampler: Resampler,
 ) -> torch.Tensor:
     """One phase-axis-last volume ``(A, B, L)``.
 
@@ -154,7 +154,7 @@ def _simulate_volume(
             rot = pmat @ euler_to_matrix(centres[j]) @ pmat.T
             a = s_inv @ rot.T @ s  # pull-back of the push-forward rotation, index space
             b = centre - a @ centre
-            moved = resample_rigid(vol.unsqueeze(0), a, b, fill, backend)[0].reshape(-1, length)
+            moved = resample_rigid(vol.unsqueeze(0), a, b, fill, resampler)[0].reshape(-1, length)
         freqs = planes.to(dev) - half
         cos, sin = dft_matrices(length, freqs, dev, dt)
         m = freqs.numel()
@@ -180,7 +180,7 @@ def apply_kspace_motion(
     demean: Demean = "none",
     output: Output = "magnitude",
     oversampling: float = 0.0,
-    backend: Backend = "auto",
+    resampler: Resampler = "auto",
     return_plane_course: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Deterministic k-space time-course motion of a channel-first volume.
@@ -194,7 +194,7 @@ def apply_kspace_motion(
         demean: ``"none"``, ``"center"`` or ``"energy"``.
         output: ``"magnitude"`` (reference) or ``"real"``.
         oversampling: zero-padding fraction per axis before simulation (0: none).
-        backend: resampling back-end.
+        resampler: resampler.
         return_plane_course: also return the per-plane course ``(6, L)`` actually simulated.
 
     Returns:
@@ -230,7 +230,7 @@ def apply_kspace_motion(
         pc = demean_course(resample_course(course, length), demean, weights)
         if plane_course is None:
             plane_course = pc
-        res = _simulate_volume(vol, spacing[perm], pc, pmat, n_segments, weights, output, backend)
+        res = _simulate_volume(vol, spacing[perm], pc, pmat, n_segments, weights, output, resampler)
         res = res.permute(*inv_perm)
         if any(pads):
             res = res[
@@ -255,11 +255,11 @@ class KSpaceMotion(Transform):
         demean: Demean = "none",
         output: Output = "magnitude",
         oversampling: float = 0.0,
-        backend: Backend = "auto",
+        resampler: Resampler = "auto",
     ) -> None:
         self.course = torch.as_tensor(course, dtype=torch.float64)
         self.phase_axis, self.n_segments, self.demean = phase_axis, n_segments, demean
-        self.output, self.oversampling, self.backend = output, oversampling, backend
+        self.output, self.oversampling, self.resampler = output, oversampling, resampler
 
     def __call__(self, img: Any) -> Any:
         data, affine = as_volume(img, where="KSpaceMotion")
@@ -272,7 +272,7 @@ class KSpaceMotion(Transform):
             self.demean,
             self.output,
             self.oversampling,
-            self.backend,
+            self.resampler,
         )
         return wrap_like(res, img)
 
@@ -290,7 +290,7 @@ class RandKSpaceMotion(RandomizableTransform):
         severity: optional preset of :data:`~scripts.motion.timecourse.KSPACE_MOTION_PRESETS`
             (overrides ``global_disp``/``global_rot``).
         phase_axis: phase-encoded axis (0, 1, 2) or a sequence to draw from per call (reference: 1).
-        n_segments, demean, output, oversampling, backend: see :func:`apply_kspace_motion`.
+        n_segments, demean, output, oversampling, resampler: see :func:`apply_kspace_motion`.
     """
 
     def __init__(
@@ -312,7 +312,7 @@ class RandKSpaceMotion(RandomizableTransform):
         demean: Demean = "none",
         output: Output = "magnitude",
         oversampling: float = 0.0,
-        backend: Backend = "auto",
+        resampler: Resampler = "auto",
     ) -> None:
         RandomizableTransform.__init__(self, prob)
         if severity is not None:
@@ -337,7 +337,7 @@ class RandKSpaceMotion(RandomizableTransform):
         random_time_course(np.random.RandomState(0), self.n_t, **self.ranges)  # validate early
         self.phase_axes = parse_phase_axes(phase_axis, "RandKSpaceMotion")
         self.n_segments, self.demean, self.output = int(n_segments), demean, output
-        self.oversampling, self.backend = float(oversampling), backend
+        self.oversampling, self.resampler = float(oversampling), resampler
         self._course: torch.Tensor | None = None
         self._info: dict[str, float] = {}
         self._axis = self.phase_axes[0]
@@ -367,7 +367,7 @@ class RandKSpaceMotion(RandomizableTransform):
             self.demean,
             self.output,
             self.oversampling,
-            self.backend,
+            self.resampler,
             return_plane_course=True,
         )
         return wrap_like(res, img)

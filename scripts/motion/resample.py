@@ -11,7 +11,7 @@ Conventions
 * Euler angles follow ITK's ``Euler3DTransform`` (``ComputeZYX`` off): ``R = Rz @ Rx @ Ry`` with the
   angles given in the order ``(rx, ry, rz)``.
 
-Two interchangeable back-ends compute the same numbers:
+Two interchangeable resamplers compute the same numbers:
 
 ``"grid_sample"``
     :func:`torch.nn.functional.grid_sample` (border padding) plus an inside mask. Fast on GPU.
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 __all__ = ["euler_to_matrix", "resample_rigid", "rigid_index_map", "voxel_spacing"]
 
-Backend = Literal["auto", "compiled", "grid_sample", "eager"]
+Resampler = Literal["auto", "compiled", "grid_sample", "eager"]
 
 
 def euler_to_matrix(angles_deg: torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,7 @@ def rigid_index_map(
 
 
 # ----------------------------------------------------------------------------------------------
-# back-ends
+# resamplers
 # ----------------------------------------------------------------------------------------------
 
 
@@ -153,7 +153,7 @@ def _trilinear_gather(vol: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fill:
     return _trilinear_at(vol.reshape(-1), (nx, ny, nz), px, py, pz, base, fill.to(dt).view(nb, 1, 1, 1))
 
 
-def _grid_sample_backend(vol: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+def _grid_sample_resampler(vol: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
     """Same semantics as :func:`_trilinear_gather` with the native ``grid_sample`` kernel."""
     nb, nx, ny, nz = vol.shape
     if min(nx, ny, nz) < 2:
@@ -228,7 +228,7 @@ def _unblock(blocked: torch.Tensor, vol: torch.Tensor, subtract: bool) -> torch.
 _COMPILED: dict[str, Callable | None] = {}
 
 
-def _compiled_backend() -> Callable | None:
+def _compiled_resampler() -> Callable | None:
     """The gather kernel under ``torch.compile`` (static shapes: one compilation per volume shape).
 
     Returns ``None`` when ``torch.compile`` cannot be set up (no compiler); compilation errors at
@@ -261,7 +261,7 @@ def resample_rigid(
     a: torch.Tensor,
     b: torch.Tensor,
     fill: torch.Tensor | float = 0.0,
-    backend: Backend = "auto",
+    resampler: Resampler = "auto",
     subtract: bool = False,
 ) -> torch.Tensor:
     """Trilinear pull-back resampling ``out[u] = vol[A u + b]`` of a batch of volumes.
@@ -271,7 +271,7 @@ def resample_rigid(
         a: ``(B, 3, 3)`` or ``(3, 3)`` index-space matrices.
         b: ``(B, 3)`` or ``(3,)`` index-space offsets (voxels).
         fill: value for points sampled outside the volume, scalar or ``(B,)``.
-        backend: ``"auto"``, ``"compiled"``, ``"grid_sample"`` or ``"eager"`` (the un-compiled
+        resampler: ``"auto"``, ``"compiled"``, ``"grid_sample"`` or ``"eager"`` (the un-compiled
             gather kernel; slow, for testing).
         subtract: return ``resampled - vol`` instead (fused into the last pass of the compiled
             kernel; what the motion simulators transform).
@@ -288,16 +288,16 @@ def resample_rigid(
     b = (b.expand(nb, 3) if b.ndim == 1 else b).to(device=vol.device, dtype=torch.float64).contiguous()
     fill_t = torch.as_tensor(fill, dtype=vol.dtype, device=vol.device).expand(nb).contiguous()
     vol = vol.contiguous()
-    if backend == "auto":
-        backend = "grid_sample" if vol.device.type != "cpu" else "compiled"
-    if backend == "compiled":
+    if resampler == "auto":
+        resampler = "grid_sample" if vol.device.type != "cpu" else "compiled"
+    if resampler == "compiled":
         if torch.utils.data.get_worker_info() is not None:
             # in a forked DataLoader worker inductor's compile thread pool (inherited from the parent,
             # its threads gone) never answers: compile synchronously in this process instead
             import torch._inductor.config as inductor_config
 
             inductor_config.compile_threads = 1
-        fn = _compiled_backend()
+        fn = _compiled_resampler()
         if fn is not None:
             try:
                 outs = [fn(vol[i], a[i], b[i], fill_t[i], subtract) for i in range(nb)]
@@ -305,13 +305,13 @@ def resample_rigid(
             except Exception as err:  # noqa: BLE001 - e.g. no C++ compiler at the first call
                 warnings.warn(f"scripts.motion: compiled resampling failed ({err!r}); using grid_sample", stacklevel=2)
                 _COMPILED["fn"] = None
-        backend = "grid_sample"
-    if backend == "grid_sample":
-        out = _grid_sample_backend(vol, a, b, fill_t)
-    elif backend == "eager":
+        resampler = "grid_sample"
+    if resampler == "grid_sample":
+        out = _grid_sample_resampler(vol, a, b, fill_t)
+    elif resampler == "eager":
         out = _trilinear_gather(vol, a, b, fill_t)
     else:
-        raise ValueError(f"resample_rigid: unknown backend {backend!r}")
+        raise ValueError(f"resample_rigid: unknown resampler {resampler!r}")
     return out.sub_(vol) if subtract else out
 
 

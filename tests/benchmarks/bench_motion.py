@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gpu-batch", type=int, default=16)
-    parser.add_argument("--backend", default="auto", help="CPU resampling: auto (compiled) | grid_sample | compiled")
+    parser.add_argument("--resampler", default="auto", help="CPU resampling: auto (compiled) | grid_sample | compiled")
     parser.add_argument("--layout", choices=("loaded", "C"), default="loaded",
                         help="memory order of the volume: as nibabel loads it (Fortran) or C-contiguous")
     args = parser.parse_args()
@@ -68,7 +68,7 @@ def main() -> None:
     if args.layout == "C":
         img = img.contiguous()
     print(f"volume {tuple(img.shape[1:])} ({'C' if img.is_contiguous() else 'Fortran'} order), {args.threads} CPU "
-          f"threads, median of {args.repeats} runs, resampling backend {args.backend}")
+          f"threads, median of {args.repeats} runs, resampling resampler {args.resampler}")
     rows = []
 
     subject = tio.Subject(image=tio.ScalarImage(tensor=img, affine=affine.numpy()))
@@ -79,12 +79,12 @@ def main() -> None:
     from monai.data import MetaTensor
 
     meta = MetaTensor(img, affine=affine)
-    ours_img = RandImageMotion(prob=1.0, degrees=(2, 8), translation=(2, 8), num_transforms=4, backend=args.backend)
+    ours_img = RandImageMotion(prob=1.0, degrees=(2, 8), translation=(2, 8), num_transforms=4, resampler=args.resampler)
     ours_img.set_random_state(0)
     t_img = timed(lambda: ours_img(meta), args.repeats)
     rows.append(("ours image-based, Nt=4", t_img))
 
-    ours_k = RandKSpaceMotion(prob=1.0, n_t=200, backend=args.backend)
+    ours_k = RandKSpaceMotion(prob=1.0, n_t=200, resampler=args.resampler)
     ours_k.set_random_state(0)
     t_k = timed(lambda: ours_k(meta), args.repeats)
     rows.append((f"ours k-space, nT=200, K={DEFAULT_N_SEGMENTS}", t_k))
