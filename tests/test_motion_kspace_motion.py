@@ -12,7 +12,7 @@ from scripts.motion.kspace_motion import (
     apply_kspace_motion,
     cluster_rotations,
 )
-from scripts.motion.metrics import max_pairwise_motion
+from scripts.motion.severity import max_pairwise_motion
 from scripts.motion.resample import euler_to_matrix, resample_rigid
 from scripts.motion.timecourse import random_time_course
 

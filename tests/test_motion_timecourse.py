@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.motion.metrics import max_pairwise_motion
+from scripts.motion.severity import max_pairwise_motion
 from scripts.motion.timecourse import demean_course, random_time_course, rescale_course, resample_course
 
 

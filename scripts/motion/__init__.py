@@ -21,7 +21,7 @@ from .image_motion import (
     sample_image_motion_params,
 )
 from .kspace_motion import DEFAULT_N_SEGMENTS, KSpaceMotion, RandKSpaceMotion, RandKSpaceMotiond, apply_kspace_motion
-from .metrics import METRIC_NAMES, motion_metrics, ssim3d
+from .severity import METRIC_NAMES, motion_metrics, ssim3d
 from .timecourse import KSPACE_MOTION_PRESETS, random_time_course, rescale_course
 
 __all__ = [

@@ -21,7 +21,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import convert_to_dst_type
 
-from .metrics import METRIC_NAMES, motion_metrics
+from .severity import METRIC_NAMES, motion_metrics
 
 __all__ = ["parse_range", "parse_phase_axes", "draw_phase_axis", "as_volume", "set_motion_label", "RandMotionDictBase"]
 
@@ -108,7 +108,7 @@ class RandMotionDictBase(RandomizableTransform, MapTransform):
         params_key: if set, write ``d[params_key]`` = dict of fixed-size float32 tensors of the drawn
             parameters (zeros when not applied) plus ``"applied"`` (0./1.).
         metrics_key: if set, write ``d[metrics_key]`` = dict of float metrics (see
-            :mod:`scripts.motion.metrics`; all zeros and ``ssim = 1`` when not applied). Costs one
+            :mod:`scripts.motion.severity`; all zeros and ``ssim = 1`` when not applied). Costs one
             SSIM evaluation per sample.
         allow_missing_keys: as in MONAI.
         **kwargs: arguments of ``array_class`` (except ``prob``).

@@ -1,4 +1,5 @@
-"""Motion metrics of a simulated acquisition.
+"""Motion severity of a simulated acquisition: displacement measures of its pose course, and SSIM (the
+classifier's metrics are in :mod:`scripts.metrics`).
 
 A *course* is a ``(6, n)`` tensor: one rigid pose per k-space phase-encoding plane in acquisition
 order, rows ``(tx, ty, tz)`` in mm and ``(rx, ry, rz)`` in degrees (ITK Euler order, see
@@ -19,8 +20,8 @@ Definitions (radius r = 80 mm, the head-sized sphere of Jenkinson 2002 and Power
     Largest pairwise distance between any two planes' translation vectors (mm) / Euler-angle
     vectors (degrees). For the k-space simulator these equal the sampled severity.
 ``ssim``
-    Mean 3D SSIM between the clean and the corrupted image with a uniform 3x3x3 window,
-    ``k1 = k2 = 0.01`` and dynamic range ``L = max(max(clean), max(corrupted))``.
+    Mean 3D SSIM between the clean and the corrupted image (MONAI's ``SSIMMetric``: a uniform 3x3x3
+    window, sample covariances, ``k1 = k2 = 0.01`` and data range ``L = max(max(clean), max(corrupted))``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .resample import euler_to_matrix
 
@@ -52,25 +52,19 @@ def max_pairwise_motion(course: torch.Tensor) -> tuple[float, float]:
 
 
 def ssim3d(clean: torch.Tensor, moved: torch.Tensor, k1: float = 0.01, k2: float = 0.01, window: int = 3) -> float:
-    """Mean SSIM over all full 3D windows of two same-shaped volumes ``(..., X, Y, Z)``."""
+    """Mean SSIM over all full 3D windows of two same-shaped volumes ``(..., X, Y, Z)``: MONAI's
+    :class:`~monai.metrics.SSIMMetric` with a uniform ``window`` and the data range of the pair."""
+    from monai.metrics import SSIMMetric
+
     if clean.shape != moved.shape:
         raise ValueError(f"ssim3d: shapes differ {tuple(clean.shape)} vs {tuple(moved.shape)}")
     x = clean.reshape(-1, 1, *clean.shape[-3:]).float()
     y = moved.reshape(-1, 1, *moved.shape[-3:]).float().to(x.device)
     dyn = float(torch.maximum(x.max(), y.max()))
-    c1, c2 = (k1 * dyn) ** 2, (k2 * dyn) ** 2
     if dyn == 0:
         return 1.0
-
-    def pool(t: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool3d(t, window, stride=1)
-
-    mx, my = pool(x), pool(y)
-    vx = pool(x * x) - mx * mx
-    vy = pool(y * y) - my * my
-    cxy = pool(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return float(s.mean())
+    metric = SSIMMetric(spatial_dims=3, data_range=dyn, kernel_type="uniform", win_size=window, k1=k1, k2=k2)
+    return float(metric(y, x).mean())
 
 
 def motion_metrics(

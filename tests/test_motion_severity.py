@@ -1,11 +1,11 @@
-"""Tests of scripts/motion/metrics.py against hand-computed answers."""
+"""Tests of scripts/motion/severity.py against hand-computed answers."""
 
 import math
 
 import pytest
 import torch
 
-from scripts.motion.metrics import METRIC_NAMES, max_pairwise_motion, motion_metrics, ssim3d
+from scripts.motion.severity import METRIC_NAMES, max_pairwise_motion, motion_metrics, ssim3d
 
 
 def test_translation_only_course():
@@ -40,3 +40,16 @@ def test_ssim():
     assert ssim3d(x, x + 0.3 * torch.rand_like(x)) < 0.95
     with pytest.raises(ValueError, match="shapes differ"):
         ssim3d(x, x[:, :5])
+
+
+def test_ssim_equals_scikit_image():
+    """MONAI's SSIMMetric with a uniform 3x3x3 window is scikit-image's SSIM with sample covariances."""
+    from skimage.metrics import structural_similarity
+
+    torch.manual_seed(1)
+    x = torch.rand(12, 11, 10)
+    y = (x + 0.2 * torch.randn_like(x)).clamp(min=0)
+    dyn = float(max(x.max(), y.max()))
+    expected = structural_similarity(x.numpy().astype("float64"), y.numpy().astype("float64"), win_size=3,
+                                     data_range=dyn, K1=0.01, K2=0.01, use_sample_covariance=True)
+    assert ssim3d(x, y) == pytest.approx(expected, abs=1e-5)
