@@ -1,5 +1,5 @@
-"""Transfer learning: loading pre-trained weights, freezing all but the classifier head, BatchNorm mode,
-the clinical demo dataset, and the cross-validation driver.
+"""Transfer learning: loading pre-trained weights, freezing all but the classifier head, BatchNorm mode
+(the cross-validation driver is :mod:`scripts.cross_validation`; rater agreement is configs/agreement.yaml).
 
 Fine-tuning (configs/finetune.yaml) calls :func:`prepare_finetuning` on the freshly built network:
 load the stage-1 state dict, set ``requires_grad`` so that only the classifier head (selected by
@@ -8,21 +8,14 @@ blocks train, and choose whether BatchNorm running statistics keep updating (``b
 what the authors' code did because the whole model was in train mode) or stay at their pre-trained
 values (``bn_mode="frozen"``). The optimiser in train.yaml already receives only parameters with
 ``requires_grad``.
-
-Command line (rater agreement; the cross-validation driver is configs/cross_validation.yaml)::
-
-    python -m scripts.transfer agreement ratings.tsv --task mov01vs2 --output agreement.json
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -37,8 +30,6 @@ __all__ = [
     "trainable_module_names",
     "prepare_finetuning",
     "count_parameters",
-    "bundle_config_dir",
-    "run_cross_validation",
 ]
 
 logger = logging.getLogger(__name__)
@@ -225,99 +216,3 @@ def prepare_finetuning(
 def count_parameters(network: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (optionally only those with ``requires_grad``)."""
     return sum(p.numel() for p in network.parameters() if p.requires_grad or not trainable_only)
-
-
-def bundle_config_dir() -> Path:
-    """The bundle's ``configs`` folder (next to the ``scripts`` package)."""
-    return Path(__file__).resolve().parents[1] / "configs"
-
-
-def _run_workflow(files: Sequence[str | os.PathLike], overrides: Mapping[str, Any]) -> None:
-    from monai.bundle import ConfigWorkflow
-
-    cdir = bundle_config_dir()
-    files = [str(f if Path(f).is_absolute() or Path(f).exists() else cdir / f) for f in files]
-    wf = ConfigWorkflow(config_file=files, workflow_type=None, **dict(overrides))
-    wf.initialize()
-    wf.run()
-    wf.finalize()
-
-
-def run_cross_validation(
-    train_configs: Sequence[str] | None,
-    eval_configs: Sequence[str],
-    n_folds: int,
-    output_dir: str | os.PathLike,
-    overrides: Mapping[str, Any] | None = None,
-    max_epochs: int | None = None,
-    eval_splits: Sequence[str] = ("validation", "test"),
-    folds: Sequence[int] | None = None,
-) -> dict[str, Any]:
-    """Train (optionally) and evaluate one Table-IV row on each fold, then aggregate mean ± std like Table II.
-
-    For fold k the configs run with ``fold=k`` plus ``overrides``; evaluation runs once per split in
-    ``eval_splits`` with ``eval_split`` set and writes ``<output_dir of the row>/<split>/metrics.json``
-    (the evaluate overlay's ``eval_dir``). The per-fold metrics are collected into
-    ``<output_dir>/cv_folds.csv`` and the mean ± std into ``<output_dir>/cv_summary.json``.
-
-    Args:
-        train_configs: config files of the training run (e.g. train.yaml + finetune.yaml), or
-            None/empty for a row without training (research-only).
-        eval_configs: config files of the evaluation run (the same + evaluate.yaml).
-        n_folds: number of folds K.
-        output_dir: where the summary goes.
-        overrides: config overrides shared by all runs (bundle_root, dataset_dir, ...).
-        max_epochs: overrides ``train#trainer#max_epochs`` when given.
-        eval_splits: datalist splits evaluated per fold.
-        folds: run only these folds (default all).
-    """
-    from scripts.metrics import summarise_folds
-
-    overrides = dict(overrides or {})
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    for fold in folds if folds is not None else range(n_folds):
-        fold_over = {**overrides, "fold": int(fold), "n_folds": int(n_folds)}
-        if train_configs:
-            train_over = dict(fold_over)
-            if max_epochs is not None:
-                train_over["train#trainer#max_epochs"] = int(max_epochs)
-            logger.info("cross-validation: training fold %d", fold)
-            _run_workflow(train_configs, train_over)
-        for split in eval_splits:
-            eval_dir = out / f"fold-{fold}" / split
-            logger.info("cross-validation: evaluating fold %d on %s", fold, split)
-            _run_workflow(eval_configs, {**fold_over, "eval_split": split, "eval_dir": str(eval_dir)})
-            metrics = json.loads((eval_dir / "metrics.json").read_text())
-            stats_file = eval_dir / "statistics.json"
-            if stats_file.is_file():
-                metrics["ece"] = json.loads(stats_file.read_text()).get("ece")
-            rows.append({"fold": int(fold), "split": split, **metrics})
-    summary = summarise_folds(rows, out)
-    logger.info("cross-validation summary written to %s", out / "cv_summary.json")
-    return summary
-
-
-def _main(argv: Sequence[str] | None = None) -> None:
-    from scripts.common.files import write_json_atomic
-    from scripts.datalist import rater_agreement, read_ratings
-
-    parser = argparse.ArgumentParser(description="Transfer-learning study utilities.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    agree = sub.add_parser(
-        "agreement", help="rater agreement (weighted kappa, BA vs consensus): the manual-annotation row"
-    )
-    agree.add_argument("ratings")
-    agree.add_argument("--task", default="mov01vs2")
-    agree.add_argument("--weights", default="linear", choices=["linear", "quadratic"])
-    agree.add_argument("--output", default=None)
-    args = parser.parse_args(argv)
-    result = rater_agreement(read_ratings(args.ratings), task=args.task, weights=args.weights)
-    if args.output:
-        write_json_atomic(result, args.output)
-    print(json.dumps(result, indent=2))
-
-
-if __name__ == "__main__":
-    _main()

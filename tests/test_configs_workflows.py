@@ -66,6 +66,29 @@ def test_batch_of_16_is_accumulated_over_micro_batches(small_demo, tmp_path):
     assert wf.parser.get_parsed_content("train#trainer").accumulation_steps == 1
 
 
+@pytest.mark.parametrize("method", ["image", "kspace"])
+def test_gpu_overlay_moves_motion_to_the_batch_on_the_device(method, small_demo, tmp_path):
+    """Issue 15: MotionPrepareBatch is wired into a config (configs/gpu_train.yaml): no per-sample motion in
+    the workers, motion drawn per batch on the training device; one epoch runs (here on the CPU)."""
+    from scripts.motion import MotionPrepareBatch
+
+    wf = _workflow(["train.yaml", "gpu_train.yaml"], "train", tmp_path, small_demo, motion_method=method,
+                   num_workers=0, batch_size=4, micro_batch_size=4, **{"train#trainer#max_epochs": 1})
+    wf.initialize()
+    prepare = wf.parser.get_parsed_content("train#prepare_batch")
+    assert isinstance(prepare, MotionPrepareBatch) and wf.parser.get_parsed_content("train#random_transforms") == []
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert trainer.prepare_batch is prepare and trainer.amp == torch.cuda.is_available()
+    wf.run()
+    output = trainer.state.output[0] if isinstance(trainer.state.output, list) else trainer.state.output
+    assert math.isfinite(float(output["loss"]))
+    assert prepare.last_params is not None and trainer.state.iteration > 0
+    batch = next(iter(wf.parser.get_parsed_content("train#dataloader")))
+    prepare.prob = 1.0
+    images, labels = prepare(batch, torch.device("cpu"))
+    assert labels.tolist() == [1] * len(labels) and not torch.equal(torch.as_tensor(images), torch.as_tensor(batch["image"]))
+
+
 @pytest.mark.parametrize(
     "method, name", [("image", "RandImageMotiond"), ("kspace", "RandKSpaceMotiond"), ("torchio", "RandTorchIOMotiond")]
 )
