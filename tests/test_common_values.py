@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scripts.common.values import as_bool, as_probability
+from scripts.common.values import as_bool, as_probability, as_seconds
 
 
 @pytest.mark.parametrize(
@@ -40,3 +40,12 @@ def test_as_probability():
     for bad in (True, False, 1.5, -1e-9, float("nan"), float("inf"), "nan", "x", None, [0.5]):
         with pytest.raises(ValueError, match="t must be a number in"):
             as_probability(bad, "t")
+
+
+def test_as_seconds():
+    assert as_seconds("600", "t") == 600.0 and as_seconds(2.5, "t") == 2.5
+    for off in (None, 0, "0", "null", "none", ""):
+        assert as_seconds(off, "t") is None
+    for bad in (True, "abc", float("nan"), float("inf"), -1, [3]):
+        with pytest.raises(ValueError, match="t must be a number of seconds"):
+            as_seconds(bad, "t")

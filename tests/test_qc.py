@@ -640,6 +640,42 @@ def test_interrupted_restarts_do_not_condemn_a_good_scan(small_demo, tmp_path):
     assert rows == {scans[0]: "ok", scans[1]: "worker_crashed"}
 
 
+class _HangingLoader(ScanLoader):
+    """Blocks on one path, like a read from a hung network share that no FIFO check can see."""
+
+    def __init__(self, hang_on: str, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.hang_on = hang_on
+
+    def load(self, path):
+        if path == self.hang_on:
+            time.sleep(3600)
+        return super().load(path)
+
+
+def test_a_scan_that_hangs_is_stopped_at_the_time_limit(small_demo, tmp_path):
+    """Issue 14 defect 5 (per-scan time-outs): a read that blocks hung the job forever, and every re-run hung
+    again. The hung scan's workers are stopped at scan_time_limit, it is retried alone, then recorded as
+    timed_out; the other scans are scored; a re-run does not try it again."""
+    net = save_small_model(tmp_path / "m.pt", seed=3)
+    scans = [str(s) for s in _demo_scans(small_demo)[:3]]
+    with pytest.raises(ValueError, match="scan_time_limit"):
+        QCJob(input=scans, network=net, output_dir=tmp_path / "x", loader=ScanLoader(SMALL_SHAPE), scan_time_limit="soon")
+
+    def job():
+        return QCJob(input=scans, network=net, output_dir=tmp_path / "out", loader=_HangingLoader(scans[1], SMALL_SHAPE),
+                     num_workers=2, scan_time_limit=3, saliency="none", thumbnails=False, report=False, progress=False)
+
+    start = time.perf_counter()
+    assert job().run() == {"ok": 2, "timed_out": 1}
+    assert time.perf_counter() - start < 120
+    rows = {r["path"]: r for r in read_qc_table(tmp_path / "out" / "qc.tsv")}
+    assert rows[scans[1]]["status"] == "timed_out" and "more than 3 s" in rows[scans[1]]["reason"]
+    start = time.perf_counter()
+    assert job().run() == {"ok": 2, "timed_out": 1}  # recorded: nothing is loaded again
+    assert time.perf_counter() - start < 30
+
+
 def test_fifos_are_refused_not_read_forever(small_demo, tmp_path):
     """Issue 14 defect 5: a data file that is a FIFO (like a hung network share) blocked the job forever."""
     scan = _demo_scans(small_demo)[0]

@@ -33,6 +33,7 @@ STATUSES: dict[str, str] = {
     "out_of_memory": "the network ran out of memory on this scan, even alone",
     "inference_failed": "the network raised an error on this scan, or its output was not finite (NaN)",
     "worker_crashed": "the process handling this scan died twice with the scan alone (out-of-memory killer?)",
+    "timed_out": "loading and preprocessing this scan alone took longer than the per-scan time limit (a hung read?)",
     "internal_error": "an unexpected exception (a bug); the reason holds its type and message",
 }
 SCORED_STATUSES = ("ok", "warning")

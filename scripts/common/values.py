@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["as_bool", "as_probability"]
+__all__ = ["as_bool", "as_probability", "as_seconds"]
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0", "")
@@ -45,3 +45,23 @@ def as_probability(value: Any, name: str) -> float:
     if not math.isfinite(number) or not 0.0 <= number <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.")
     return number
+
+
+def as_seconds(value: Any, name: str) -> float | None:
+    """``value`` as a positive, finite number of seconds, or None (no limit) for None, 0, ``"none"``,
+    ``"null"`` or ``""``; booleans are refused.
+
+    Raises:
+        ValueError: naming ``name`` for a boolean, a non-number, NaN/inf or a negative number.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number of seconds or null, got the boolean {value!r}.")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number of seconds or null, got {value!r}.") from None
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{name} must be a number of seconds or null, got {value!r}.")
+    return number or None

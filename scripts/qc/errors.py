@@ -12,7 +12,7 @@ QC_STATUSES: dict[str, str] = statuses(
     "ok", "warning", "not_found", "empty_file", "empty_folder", "unsupported_format", "unreadable", "not_3d",
     "too_small", "low_resolution", "non_finite", "empty", "not_brain", "wrong_space", "dicom_missing_slice",
     "dicom_nonuniform_spacing", "registration_failed", "registration_diverged", "out_of_memory",
-    "inference_failed", "worker_crashed", "internal_error",
+    "inference_failed", "worker_crashed", "timed_out", "internal_error",
 )  # fmt: skip
 
 

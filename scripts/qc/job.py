@@ -19,7 +19,7 @@ import torch
 from scripts import performance
 from scripts.common.files import atomic_write
 from scripts.common.statuses import SCORED_STATUSES
-from scripts.common.values import as_bool, as_probability
+from scripts.common.values import as_bool, as_probability, as_seconds
 
 from .inputs import collect_inputs
 from .journal import JOURNAL, lock_output, read_journal, read_qc_table, repair_journal, write_table
@@ -73,6 +73,9 @@ class QCJob:
         flush_every: rewrite ``qc.tsv`` every this many new rows (it is always written at the end).
         strict: raise ``SystemExit(3)`` at the end when an input failed.
         multiprocessing_context: worker start method (None: the platform default).
+        scan_time_limit: seconds one scan may take to load and preprocess in a worker (None or 0: no limit);
+            over it, the workers are stopped and the scan retried alone, then recorded ``timed_out``
+            (:class:`scripts.qc.scheduler.LoadScheduler`). Needs ``num_workers >= 1``.
         channels_last: network and inputs in channels-last 3D memory (faster Conv3d on CPU; same results
             within float rounding).
         tune_allocator: :func:`scripts.performance.tune_allocator` at the start of :meth:`run` (a process
@@ -106,6 +109,7 @@ class QCJob:
         flush_every: int = 200,
         strict: bool = False,
         multiprocessing_context: str | None = None,
+        scan_time_limit: float | str | None = 600.0,
         rank: int | None = None,
         world_size: int | None = None,
         channels_last: bool = True,
@@ -143,6 +147,7 @@ class QCJob:
         self.flush_every = max(1, int(flush_every))
         self.strict = as_bool(strict, "strict")
         self.multiprocessing_context = multiprocessing_context
+        self.scan_time_limit = as_seconds(scan_time_limit, "scan_time_limit")
         self.channels_last = as_bool(channels_last, "channels_last")
         self.tune_allocator = as_bool(tune_allocator, "tune_allocator")
         dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -231,6 +236,7 @@ class QCJob:
                 num_workers=self.num_workers,
                 prefetch_factor=self.prefetch_factor,
                 multiprocessing_context=self.multiprocessing_context,
+                time_limit=self.scan_time_limit,
             ).run(pending)
         finally:
             self._journal_file.close()

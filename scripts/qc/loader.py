@@ -206,7 +206,13 @@ class ScanLoader:
 
     def _log_start(self, path: str) -> None:
         if self.attempts_path:
-            record = {"path": path, "isolated": self.isolated, "in_worker": self.in_worker, "pid": os.getpid()}
+            record = {
+                "path": path,
+                "isolated": self.isolated,
+                "in_worker": self.in_worker,
+                "pid": os.getpid(),
+                "started": round(time.time(), 3),
+            }
             line = json.dumps(record) + "\n"
             with open(self.attempts_path, "a") as f:
                 f.write(line)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import torch
 from .journal import ATTEMPTS, read_jsonl
 from .loader import ScanLoader
 
-__all__ = ["LoadScheduler", "WorkerDied"]
+__all__ = ["LoadScheduler", "WorkerDied", "ScanTimedOut"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,14 @@ class WorkerDied(RuntimeError):
     """A worker process died: its pool is broken."""
 
 
+class ScanTimedOut(WorkerDied):
+    """A scan held a worker longer than the time limit; the workers were killed."""
+
+    def __init__(self, path: str, seconds: float) -> None:
+        super().__init__(f"{path} took more than {seconds:g} s")
+        self.path, self.seconds = path, seconds
+
+
 class LoadScheduler:
     """Load items with a :class:`ScanLoader` and hand them, in batches, to ``score``.
 
@@ -77,6 +86,9 @@ class LoadScheduler:
         state_dir: folder of the attempts log. rank: this process's rank (one attempts log per rank).
         batch_size: records per ``score`` call. num_workers: worker processes (0: in this process).
         prefetch_factor: items each worker prepares ahead. multiprocessing_context: start method (None: default).
+        time_limit: seconds a scan may hold a worker (None: no limit). A scan over the limit has its workers
+            killed (C readers and ITK cannot be interrupted otherwise) and is retried alone; over the limit
+            alone it is given up as ``timed_out``. Applies with worker processes only (``num_workers >= 1``).
     """
 
     def __init__(
@@ -90,6 +102,7 @@ class LoadScheduler:
         num_workers: int = 2,
         prefetch_factor: int = 2,
         multiprocessing_context: str | None = None,
+        time_limit: float | None = None,
     ) -> None:
         self.loader = loader
         self.score = score
@@ -100,6 +113,7 @@ class LoadScheduler:
         self.num_workers = max(0, int(num_workers))
         self.prefetch_factor = max(1, int(prefetch_factor))
         self.multiprocessing_context = multiprocessing_context
+        self.time_limit = float(time_limit) if time_limit else None
 
     @property
     def attempts_path(self) -> Path:
@@ -147,6 +161,11 @@ class LoadScheduler:
                         break
                     try:
                         self._load([remaining[key]], isolated=True, remaining=remaining)
+                    except ScanTimedOut as err:
+                        reason = (
+                            f"loading and preprocessing took more than {err.seconds:g} s with the scan alone; stopped"
+                        )
+                        self.fail(remaining.pop(key), "timed_out", reason)
                     except WorkerDied as err:
                         self._log_attempt(key, crashed=True)
                         logger.warning("a worker died on %s alone (%s); retrying once.", key, err)
@@ -197,6 +216,8 @@ class LoadScheduler:
         queue = iter(items)
         inflight: dict[Any, dict[str, Any]] = {}
         ready: list[dict[str, Any]] = []
+        clock = _StartClock(self.attempts_path) if self.time_limit else None
+        poll = min(5.0, self.time_limit / 4) if self.time_limit else None
         try:
             while True:
                 while len(inflight) < window:
@@ -206,7 +227,18 @@ class LoadScheduler:
                     inflight[pool.submit(_load_in_worker, self.loader, item)] = item
                 if not inflight:
                     break
-                done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+                done, _ = wait(list(inflight), timeout=poll, return_when=FIRST_COMPLETED)
+                late = (
+                    clock.overdue([it["image"] for f, it in inflight.items() if f not in done], self.time_limit)
+                    if clock
+                    else None
+                )
+                if late is not None:  # a hung read or a runaway registration: stop the workers
+                    for process in list(getattr(pool, "_processes", {}).values()):
+                        process.kill()
+                    for start in range(0, len(ready), batch_size):  # keep what already arrived
+                        self._score(ready[start : start + batch_size], remaining)
+                    raise ScanTimedOut(late, self.time_limit)
                 for future in done:
                     inflight.pop(future)
                     try:
@@ -223,3 +255,32 @@ class LoadScheduler:
                     ready = ready[batch_size:]
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _StartClock:
+    """When the scans of this pass started in a worker: the start records that the loader appends to the
+    attempts log (read incrementally; records older than this pass are ignored)."""
+
+    def __init__(self, attempts_path: Path) -> None:
+        self.path = Path(attempts_path)
+        self.since = time.time()
+        self.offset = self.path.stat().st_size if self.path.is_file() else 0
+        self.started: dict[str, float] = {}
+
+    def overdue(self, paths: list[str], limit: float) -> str | None:
+        """The first of ``paths`` that started more than ``limit`` seconds ago, or None."""
+        if self.path.is_file():
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+            complete = chunk.rfind(b"\n") + 1  # a line being written is read next time
+            self.offset += complete
+            for line in chunk[:complete].splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get("started", 0) >= self.since - 1:
+                    self.started[str(record.get("path"))] = float(record["started"])
+        now = time.time()
+        return next((p for p in paths if p in self.started and now - self.started[p] > limit), None)
