@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import write_dicom_series
+
 from scripts.preprocessing import (
     CROP_SHAPE,
     ERROR_CODES,
@@ -127,35 +129,7 @@ def _oblique_volume() -> sitk.Image:
 
 
 def _write_dicom_series(image: sitk.Image, folder: Path) -> list[Path]:
-    folder.mkdir(parents=True)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    direction = image.GetDirection()
-    series_uid, study_uid = "1.2.826.0.1.3680043.2.1125.1.1", "1.2.826.0.1.3680043.2.1125.1.2"
-    orientation = "\\".join(f"{v:.6f}" for v in (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7]))
-    files = []
-    for k in range(image.GetDepth()):
-        sl = image[:, :, k]
-        position = image.TransformIndexToPhysicalPoint((0, 0, k))
-        tags = {
-            "0008|0060": "MR",
-            "0008|0016": "1.2.840.10008.5.1.4.1.1.4",
-            "0008|0018": f"{series_uid}.{k + 1}",
-            "0020|000d": study_uid,
-            "0020|000e": series_uid,
-            "0020|0013": str(k + 1),
-            "0020|0032": "\\".join(f"{v:.6f}" for v in position),
-            "0020|0037": orientation,
-            "0018|0050": f"{image.GetSpacing()[2]:.6f}",
-            "0028|0030": f"{image.GetSpacing()[1]:.6f}\\{image.GetSpacing()[0]:.6f}",
-        }
-        for key, value in tags.items():
-            sl.SetMetaData(key, value)
-        path = folder / f"slice{k:03d}.dcm"
-        writer.SetFileName(str(path))
-        writer.Execute(sl)
-        files.append(path)
-    return files
+    return write_dicom_series(image, folder)
 
 
 def test_dicom_series_reads_like_its_nifti_twin(tmp_path):

@@ -17,6 +17,7 @@ A *source* is one of:
 - a CSV/TSV list with an ``image`` or ``path`` column (a spreadsheet's byte-order mark is ignored;
   relative paths against the list's folder; the other columns are kept);
 - one file;
+- an item (a mapping with ``image``; a remote input such as ``dicomweb:https://...`` is kept as it is);
 - a list of these.
 
 Every item gets ``image`` (an absolute path) and ``participant_id``/``session_id`` (from the item,
@@ -33,7 +34,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -224,7 +225,16 @@ def _list_items(path: Path, strict: bool) -> list[dict[str, Any]]:
     return items
 
 
+def _is_uri(path: str) -> bool:
+    """A remote input (``dicomweb:https://...``), kept as it is (never made an absolute local path)."""
+    return bool(re.match(r"^[a-z][a-z0-9+.-]*:(//|[a-z]+://)", path))
+
+
 def _source_items(source: Any, datalist_key: str, strict: bool, top: bool) -> list[dict[str, Any]]:
+    if isinstance(source, Mapping):  # an item already (e.g. a PACS series from scripts.pacs.series_items)
+        if "image" not in source:
+            raise ValueError(f"input item {dict(source)!r} has no 'image'.")
+        return [dict(source)]
     if not isinstance(source, (str, os.PathLike)):
         return [it for s in source for it in _source_items(s, datalist_key, strict, top=False)]
     path = Path(os.path.expanduser(str(source)))
@@ -270,7 +280,7 @@ def resolve_inputs(source: Any, datalist_key: str = "test", strict: bool = True)
     seen: set[str] = set()
     out = []
     for item in items:
-        key = os.path.abspath(str(item["image"]))
+        key = str(item["image"]) if _is_uri(str(item["image"])) else os.path.abspath(str(item["image"]))
         if key in seen:
             logger.warning("input %s is listed twice; used once.", key)
             continue

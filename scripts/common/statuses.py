@@ -11,6 +11,7 @@ STATUSES: dict[str, str] = {
     "ok": "processed (scored, in the QC job)",
     "warning": "scored, but the reason names something unusual (e.g. the image looks skull-stripped)",
     "not_found": "the input path does not exist",
+    "not_t1w": "a PACS series that is not a 3D T1-weighted MR image series by its DICOM attributes (not downloaded)",
     "empty_file": "the file has 0 bytes",
     "empty_folder": "the folder holds no file",
     "unsupported_format": "not a NIfTI/MetaImage/NRRD file or a DICOM series folder (by extension)",

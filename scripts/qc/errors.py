@@ -9,7 +9,7 @@ __all__ = ["QC_STATUSES", "SCORED_STATUSES", "QCError"]
 #: Statuses of a row (a subset of :data:`scripts.common.statuses.STATUSES`). ``ok`` and ``warning`` rows
 #: are scored; the others are not.
 QC_STATUSES: dict[str, str] = statuses(
-    "ok", "warning", "not_found", "empty_file", "empty_folder", "unsupported_format", "unreadable", "not_3d",
+    "ok", "warning", "not_found", "not_t1w", "empty_file", "empty_folder", "unsupported_format", "unreadable", "not_3d",
     "too_small", "low_resolution", "non_finite", "empty", "not_brain", "wrong_space", "dicom_missing_slice",
     "dicom_nonuniform_spacing", "registration_failed", "registration_diverged", "out_of_memory",
     "inference_failed", "worker_crashed", "timed_out", "internal_error",

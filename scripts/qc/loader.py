@@ -133,6 +133,10 @@ class ScanLoader:
         read: callable turning ``{"image": path}`` of a NIfTI file into ``{"image": (1, X, Y, Z) MetaTensor}``
             in RAS orientation: the config's load transforms (``read_transforms``); None:
             :func:`default_read_transforms`.
+        fetch: where remote inputs come from: an object with ``handles(path) -> bool`` and
+            ``download(path, folder) -> number of files`` (:class:`scripts.pacs.DicomWebSource`); None: local
+            files only. A remote series is downloaded into a temporary folder under ``download_dir`` (None:
+            the system's), read as a DICOM folder, and removed.
         input_space: ``"auto"`` (t1-linear if shape and affine say so), ``"t1_linear"`` or ``"raw"``.
         max_voxel_mm: raw scans with a voxel coarser than this along an axis get ``low_resolution``.
         min_brain_correlation: t1-linear images whose smoothed correlation with the template (inside
@@ -151,6 +155,8 @@ class ScanLoader:
         spatial_size: Sequence[int] = (169, 208, 179),
         normalize: Callable[[dict], dict] | None = None,
         read: Callable[[dict], dict] | None = None,
+        fetch: Any = None,
+        download_dir: str | os.PathLike | None = None,
         input_space: str = "auto",
         max_voxel_mm: float = 3.0,
         min_brain_correlation: float = 0.4,
@@ -164,6 +170,8 @@ class ScanLoader:
         self.spatial_size = tuple(int(s) for s in spatial_size)
         self.normalize = normalize
         self.read = read
+        self.fetch = fetch
+        self.download_dir = str(download_dir) if download_dir else None
         self.input_space = input_space
         self.max_voxel_mm = float(max_voxel_mm)
         self.min_brain_correlation = float(min_brain_correlation)
@@ -183,6 +191,11 @@ class ScanLoader:
             "session_id": item.get("session_id", ""),
             "input_space": "",
         }
+        if item.get("qc_status"):  # decided before loading (e.g. a PACS series that is not a 3D T1w)
+            code = str(item["qc_status"])
+            out.update(status=code if code in QC_STATUSES else "internal_error", reason=str(item.get("qc_reason", "")))
+            out["seconds"] = time.perf_counter() - start
+            return out
         self._log_start(path)
         try:
             image, space, warnings = self.load(path)
@@ -220,6 +233,26 @@ class ScanLoader:
     # -- steps ---------------------------------------------------------------------------------
     def load(self, path: str) -> tuple[torch.Tensor, str, list[str]]:
         """(normalised (1, X, Y, Z) tensor, ``"t1_linear"`` or ``"raw"``, warnings); raises QCError."""
+        if self.fetch is not None and self.fetch.handles(path):
+            return self._load_remote(path)
+        return self._load_local(path)
+
+    def _load_remote(self, uri: str) -> tuple[torch.Tensor, str, list[str]]:
+        """Download a remote series into a temporary folder (removed afterwards), then load it as a DICOM folder."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="qc-series-", dir=self.download_dir) as folder:
+            try:
+                count = self.fetch.download(uri, folder)
+            except OverflowError as err:
+                raise QCError("unsupported_format", str(err)) from None
+            except Exception as err:  # noqa: BLE001 - HTTP and DICOM errors of many types
+                raise QCError("unreadable", f"download failed ({_first_line(err)})") from None
+            if count == 0:
+                raise QCError("empty_folder", "the series holds no instance")
+            return self._load_local(folder)
+
+    def _load_local(self, path: str) -> tuple[torch.Tensor, str, list[str]]:
         from scripts.preprocessing.io import image_to_array, ras_affine, read_image
 
         p = Path(path)
