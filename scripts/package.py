@@ -48,6 +48,7 @@ _RELEASED_FILES = ("LICENSE",)
 _RELEASED_OPTIONAL = ("models/threshold.json",)  # shipped beside the weights when present
 _RELEASED_DIRS = {"configs": None, "docs": None, "scripts": (".py",)}  # folder -> allowed suffixes (None: all)
 _WEIGHTS_ARCNAME = "models/model.pt"
+_DEPLOY_CONFIG = "configs/inference.json"  # generated from inference.yaml for MONAI Deploy (docs/ecosystem.md)
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # earliest timestamp a zip can store
 
 
@@ -91,6 +92,12 @@ def bundle_files(bundle_root: str | os.PathLike) -> list[tuple[Path, str]]:
     if not any(arc == "configs/metadata.json" for _, arc in files):
         raise FileNotFoundError(f"{root / 'configs' / 'metadata.json'} is required in a bundle and is missing.")
     return sorted(files, key=lambda item: item[1])
+
+
+def _inference_json(root: Path) -> bytes:
+    """``configs/inference.yaml`` as JSON: MONAI Deploy's bundle operators read ``configs/inference.json``."""
+    config = yaml.safe_load((root / "configs" / "inference.yaml").read_text(encoding="utf-8"))
+    return (json.dumps(config, indent=2) + "\n").encode()
 
 
 def _large_files_yaml(url: str, sha256: str) -> bytes:
@@ -150,6 +157,7 @@ def build_package(
     def write(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w") as zf:
             entries = {arc: src.read_bytes() for src, arc in bundle_files(root)}
+            entries[_DEPLOY_CONFIG] = _inference_json(root)
             if not exclude_weights:
                 entries[_WEIGHTS_ARCNAME] = weights.read_bytes()
             if weights_url:

@@ -150,6 +150,49 @@ def test_download_with_url_then_inference_matches(source, small_weights, small_d
     assert len(set(round(v, 6) for v in got.values())) == len(got)  # distinct scans, distinct answers
 
 
+def test_release_loads_the_way_monai_deploy_classification_operator_does(source, small_weights, small_demo, tmp_path):
+    """Issue 16: MONAI Deploy's MonaiClassificationOperator (App SDK) reads <bundle>/configs/inference.json with
+    only torch and monai as globals, applies `preprocessing#transforms` without LoadImaged to {"image": tensor},
+    builds `network_def`, loads models/model.pt (weights_only) and applies `postprocessing#transforms` to
+    {"pred": logits}. monai-deploy-app-sdk itself needs Holoscan (not installable beside our pins), so its
+    loading contract is reproduced here on the release zip, against the QC pipeline's probabilities."""
+    import zipfile
+
+    import monai
+    import torch
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose, LoadImaged
+
+    from scripts.networks import Conv5FC3
+
+    out = build_package(source, tmp_path / "dist", weights=small_weights)
+    with zipfile.ZipFile(out) as zf:
+        zf.extractall(tmp_path / "release")
+    bundle = tmp_path / "release" / BUNDLE_NAME
+    assert json.loads((bundle / "configs" / "inference.json").read_text()) == ConfigParser.load_config_file(
+        str(BUNDLE_ROOT / "configs" / "inference.yaml"))  # the JSON is the YAML, generated at release time
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser.globals = {"torch": torch, "monai": monai}
+    parser["spatial_size"] = list(SMALL_SHAPE)  # the demo size of the tests
+    pre = Compose([t for t in parser.get_parsed_content("preprocessing#transforms") if type(t).__name__ != "LoadImaged"])
+    model = parser.get_parsed_content("network_def")
+    assert isinstance(model, Conv5FC3)
+    model.load_state_dict(torch.load(str(bundle / "models" / "model.pt"), map_location="cpu", weights_only=True))
+    model.eval()
+    post = Compose(parser.get_parsed_content("postprocessing#transforms"))
+    scan = sorted(small_demo.rglob("*.nii.gz"))[0]
+    image = LoadImaged(keys="image", ensure_channel_first=True, image_only=True)({"image": str(scan)})["image"]
+    x = pre({"image": torch.as_tensor(image).float()})["image"]  # the operator hands over plain tensors
+    with torch.no_grad():
+        prob = post({"pred": model(torch.as_tensor(x)[None])})["pred"][0]  # a batch of one (it batches 2D only)
+    reference = parser.get_parsed_content("preprocessing")({"image": str(scan)})["image"]
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.as_tensor(reference)[None]), dim=1)[0]
+    assert prob.shape == (2,) and float(prob.sum()) == pytest.approx(1.0, abs=1e-5)
+    assert torch.allclose(torch.as_tensor(prob), expected, atol=1e-5)
+
+
 def test_download_from_github_release_and_large_files(source, small_weights, http_dir, tmp_path, monkeypatch):
     """`--source github` asks for <name>_v<version>.zip of a release; the release host is redirected to 127.0.0.1."""
     import monai.bundle.scripts as bundle_scripts
