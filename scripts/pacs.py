@@ -352,18 +352,47 @@ def make_report(row: Mapping[str, Any], evidence: Any, series_number: int = 9901
     )
 
 
+def make_card(thumbnail: str | os.PathLike, evidence: Any, series_number: int = 9902) -> Any:
+    """The QC report card's picture (a JPEG thumbnail) as an RGB secondary-capture image (highdicom) in the
+    study of ``evidence``."""
+    import highdicom as hd
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(thumbnail) as picture:
+        pixels = np.asarray(picture.convert("RGB"), dtype=np.uint8)
+    card = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=evidence,
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="brain_t1w_motion_classification (MONAI bundle)",
+        patient_orientation=("L", "P"),
+    )
+    card.SeriesDescription = "Motion artefact QC card"
+    return card
+
+
 def write_reports(
     table: str | os.PathLike, source: DicomWebSource, output_dir: str | os.PathLike, store: bool = False
 ) -> dict[str, int]:
     """One SR per scored DICOMweb row of a ``qc.tsv``: written to ``<output_dir>/sr/<series>.dcm`` (atomic;
-    an existing file is kept), and stored back to the server (STOW-RS) when ``store``. Stored SRs are
-    journaled in ``<output_dir>/.qc/stored.jsonl``. A failure is logged and counted, never fatal: the QC
-    table stays the record. Returns ``{"written", "stored", "failed"}``."""
+    an existing file is kept), with the report card's picture (the QC thumbnail: three central slices under
+    the saliency map) as a secondary-capture image ``<series>_card.dcm`` when the thumbnail exists, and both
+    stored back to the server (STOW-RS) when ``store``. Stored series are journaled in
+    ``<output_dir>/.qc/stored.jsonl``. A failure is logged and counted, never fatal: the QC table stays the
+    record. Returns ``{"written", "stored", "failed"}``."""
     import pydicom
     from pydicom.dataset import Dataset
 
     from scripts.common.files import atomic_write
     from scripts.qc.journal import read_jsonl, read_qc_table
+    from scripts.qc.report import thumbnail_name
 
     out = Path(output_dir)
     (out / "sr").mkdir(parents=True, exist_ok=True)
@@ -378,20 +407,26 @@ def write_reports(
         try:
             _, study_uid, series_uid = parse_series_uri(row["path"])
             path = out / "sr" / f"{series_uid}.dcm"
-            if not path.is_file():
+            card = out / "sr" / f"{series_uid}_card.dcm"
+            thumbnail = out / "qc_thumbnails" / thumbnail_name(row["path"])
+            if not path.is_file() or (thumbnail.is_file() and not card.is_file()):
                 first = client.search_for_instances(study_uid, series_uid, limit=1)
                 header = client.retrieve_instance_metadata(study_uid, series_uid, _value(first[0], "SOPInstanceUID"))
                 evidence = Dataset.from_json(header)
-                report = make_report(row, evidence)
-                atomic_write(path, lambda tmp, report=report: report.save_as(str(tmp), write_like_original=False))
-                counts["written"] += 1
+                if not path.is_file():
+                    report = make_report(row, evidence)
+                    atomic_write(path, lambda tmp, ds=report: ds.save_as(str(tmp), write_like_original=False))
+                    counts["written"] += 1
+                if thumbnail.is_file() and not card.is_file():
+                    image = make_card(thumbnail, evidence)
+                    atomic_write(card, lambda tmp, ds=image: ds.save_as(str(tmp), write_like_original=False))
             if store and row["path"] not in stored:
-                report = pydicom.dcmread(str(path))
-                client.store_instances([report])
+                datasets = [pydicom.dcmread(str(f)) for f in (path, card) if f.is_file()]
+                client.store_instances(datasets)
                 record = {
                     "path": row["path"],
                     "sr": str(path),
-                    "sop_instance_uid": str(report.SOPInstanceUID),
+                    "sop_instance_uids": [str(d.SOPInstanceUID) for d in datasets],
                     "at": time.time(),
                 }
                 with open(stored_log, "a") as f:

@@ -198,10 +198,14 @@ def test_query_retrieve_score_and_store_reports(pacs, tmp_path):
     assert {rows[s]["participant_id"] for s in rows} == {"sub-PAT1", "sub-PAT2"}
     assert set(_starts(out)) == {r["path"] for r in rows.values() if r["status"] not in ("not_t1w",)}  # only those fetched
     scored = {s: r for s, r in rows.items() if r["prob_motion"]}
-    assert len(scored) == 2 and sorted(p.stem for p in (out / "sr").glob("*.dcm")) == sorted(scored)
+    assert len(scored) == 2 and sorted(p.stem for p in (out / "sr").glob("*[0-9].dcm")) == sorted(scored)
+    cards = sorted(p.stem for p in (out / "sr").glob("*_card.dcm"))
+    assert cards == sorted(f"{s}_card" for s in scored)  # the report card's picture beside each SR
     client = DICOMwebClient(pacs["url"])
     found = client.search_for_series(search_filters={"Modality": "SR"})
     assert len(found) == 2
+    pictures = client.search_for_series(search_filters={"Modality": "OT"})  # secondary capture
+    assert len(pictures) == 2
     for series in found:
         study_uid, sr_series = series["0020000D"]["Value"][0], series["0020000E"]["Value"][0]
         report = client.retrieve_series(study_uid, sr_series)[0]
