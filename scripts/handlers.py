@@ -15,14 +15,7 @@ from scripts.common.files import atomic_write, write_json_atomic, write_rows_ato
 from scripts.metrics import binary_metrics, evaluation_statistics, save_roc_plot, write_threshold
 from scripts.transforms import image_source
 
-__all__ = [
-    "stack_output",
-    "PredictionWriter",
-    "EvaluationWriter",
-    "write_csv_atomic",
-    "TrainingCheckpoint",
-    "LearningCurve",
-]
+__all__ = ["stack_output", "PredictionWriter", "EvaluationWriter", "TrainingCheckpoint", "LearningCurve"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +47,6 @@ def stack_output(
         return tuple(stacked)
 
     return _transform
-
-
-def write_csv_atomic(rows: Sequence[dict[str, Any]], path: str | os.PathLike, fieldnames: Sequence[str]) -> Path:
-    """Write ``rows`` to a CSV file through a temporary file and a rename."""
-    return write_rows_atomic(rows, path, fieldnames)
 
 
 class PredictionWriter:
@@ -122,7 +110,7 @@ class PredictionWriter:
     def _write(self, engine: Engine) -> None:
         fields = ["image", "participant_id", "session_id"] + (["label"] if self.with_metrics else [])
         fields += ["prob_motion", "prediction"]
-        path = write_csv_atomic(self.rows, self.output_dir / self.filename, fields)
+        path = write_rows_atomic(self.rows, self.output_dir / self.filename, fields)
         logger.info("wrote %d predictions to %s", len(self.rows), path)
         if self.with_metrics and self.rows:
             metrics = binary_metrics(

@@ -35,6 +35,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from scripts.common.inputs import entity_label
+
 __all__ = ["DicomWebSource", "SCHEME", "classify_series", "parse_series_uri", "series_items", "write_reports"]
 
 logger = logging.getLogger(__name__)
@@ -223,8 +225,15 @@ def classify_series(header: Mapping[str, Any]) -> tuple[bool, str]:
     return False, f"not recognisably T1-weighted (description {names.strip()!r}, TE {echo}, TR {repetition})"
 
 
-def _label(text: Any, prefix: str) -> str:
-    cleaned = re.sub(r"[^A-Za-z0-9]", "", str(text or ""))
+def _first_header(client: Any, study_uid: str, series_uid: str) -> dict[str, Any]:
+    """The DICOM JSON header (WADO-RS metadata) of the first instance of a series."""
+    first = client.search_for_instances(study_uid, series_uid, limit=1)
+    return client.retrieve_instance_metadata(study_uid, series_uid, _value(first[0], "SOPInstanceUID"))
+
+
+def _entity(prefix: str, text: Any) -> str:
+    """A BIDS entity (``sub-PAT1``) of a DICOM value, or "" when it has no letter or digit."""
+    cleaned = entity_label(str(text or ""))
     return f"{prefix}-{cleaned}" if cleaned else ""
 
 
@@ -264,14 +273,13 @@ def series_items(
             "series_description": str(_value(series, "SeriesDescription") or ""),
         }
         try:
-            first = client.search_for_instances(study_uid, series_uid, limit=1)
-            header = client.retrieve_instance_metadata(study_uid, series_uid, _value(first[0], "SOPInstanceUID"))
+            header = _first_header(client, study_uid, series_uid)
         except Exception as err:  # noqa: BLE001 - one series must not stop the search
             item.update(qc_status="unreadable", qc_reason=f"no instance header ({type(err).__name__}: {err})"[:300])
             items.append(item)
             continue
-        item["participant_id"] = _label(_value(header, "PatientID"), "sub")
-        item["session_id"] = _label(_value(header, "StudyDate"), "ses")
+        item["participant_id"] = _entity("sub", _value(header, "PatientID"))
+        item["session_id"] = _entity("ses", _value(header, "StudyDate"))
         selected, why = classify_series(header)
         if not selected:
             item.update(qc_status="not_t1w", qc_reason=why)
@@ -305,39 +313,28 @@ def make_report(row: Mapping[str, Any], evidence: Any, series_number: int = 9901
     from pydicom.sr.codedict import codes
 
     unit = hd.sr.CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
+
+    def number(code: str, meaning: str, value: Any) -> Any:
+        return NumContentItem(name=_code(code, meaning), value=float(value), unit=unit, relationship_type="CONTAINS")
+
+    def text(name: Any, value: Any) -> Any:
+        return TextContentItem(name=name, value=str(value)[:1024], relationship_type="CONTAINS")
+
+    present = row.get("decision") == "motion"
     root = ContainerContentItem(name=_code("MQC0", "Motion artefact quality control"))
-    decision = "motion" if row.get("decision") == "motion" else "no_motion"
     children = [
-        NumContentItem(
-            name=_code("MQC1", "Motion artefact probability"),
-            value=float(row["prob_motion"]),
-            unit=unit,
-            relationship_type="CONTAINS",
-        ),
+        number("MQC1", "Motion artefact probability", row["prob_motion"]),
         CodeContentItem(
             name=_code("MQC2", "Motion artefact decision"),
-            value=_code("MQC3", "Motion artefact present") if decision == "motion" else _code("MQC4", "No motion"),
+            value=_code("MQC3", "Motion artefact present") if present else _code("MQC4", "No motion"),
             relationship_type="CONTAINS",
         ),
-        NumContentItem(
-            name=_code("MQC5", "Decision threshold"),
-            value=float(row["threshold"]),
-            unit=unit,
-            relationship_type="CONTAINS",
-        ),
-        TextContentItem(
-            name=_code("MQC6", "Model sha256"), value=str(row["model_sha256"]), relationship_type="CONTAINS"
-        ),
-        TextContentItem(
-            name=_code("MQC7", "Bundle"),
-            value=f"brain_t1w_motion_classification {row['bundle_version']}",
-            relationship_type="CONTAINS",
-        ),
+        number("MQC5", "Decision threshold", row["threshold"]),
+        text(_code("MQC6", "Model sha256"), row["model_sha256"]),
+        text(_code("MQC7", "Bundle"), f"brain_t1w_motion_classification {row['bundle_version']}"),
     ]
     if row.get("reason"):
-        children.append(
-            TextContentItem(name=codes.DCM.Comment, value=str(row["reason"])[:1024], relationship_type="CONTAINS")
-        )
+        children.append(text(codes.DCM.Comment, row["reason"]))
     root.ContentSequence = children
     return hd.sr.Comprehensive3DSR(
         evidence=[evidence],
@@ -410,9 +407,7 @@ def write_reports(
             card = out / "sr" / f"{series_uid}_card.dcm"
             thumbnail = out / "qc_thumbnails" / thumbnail_name(row["path"])
             if not path.is_file() or (thumbnail.is_file() and not card.is_file()):
-                first = client.search_for_instances(study_uid, series_uid, limit=1)
-                header = client.retrieve_instance_metadata(study_uid, series_uid, _value(first[0], "SOPInstanceUID"))
-                evidence = Dataset.from_json(header)
+                evidence = Dataset.from_json(_first_header(client, study_uid, series_uid))
                 if not path.is_file():
                     report = make_report(row, evidence)
                     atomic_write(path, lambda tmp, ds=report: ds.save_as(str(tmp), write_like_original=False))

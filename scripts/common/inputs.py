@@ -47,6 +47,7 @@ __all__ = [
     "has_dicom_magic",
     "is_dicom_series_folder",
     "bids_entities",
+    "entity_label",
     "load_datalist",
     "find_scan_paths",
     "resolve_inputs",
@@ -113,6 +114,12 @@ def _dicom_like_name(name: str) -> bool:
     numeric one (``IM0001.1``, UIDs such as ``1.2.840.113619.2.55``)."""
     suffix = Path(name).suffix.lower()
     return suffix in ("", ".dcm", ".ima") or suffix[1:].isdigit()
+
+
+def entity_label(text: str) -> str:
+    """``text`` reduced to what a BIDS label may hold, letters and digits (``site_a/p-7`` -> ``siteap7``);
+    "" when nothing is left."""
+    return re.sub(r"[^A-Za-z0-9]", "", text)
 
 
 def bids_entities(path: str | os.PathLike) -> dict[str, str]:

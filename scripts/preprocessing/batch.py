@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 import traceback
 from collections.abc import Mapping
@@ -30,7 +29,7 @@ import nibabel as nib
 import SimpleITK as sitk  # noqa: N813 - the alias of SimpleITK's own documentation
 
 from scripts.common.files import atomic_write, write_rows_atomic
-from scripts.common.inputs import bids_entities, find_scan_paths, strip_suffix
+from scripts.common.inputs import bids_entities, entity_label, find_scan_paths, strip_suffix
 
 from .core import PreprocessingResult, T1LinearSettings, preprocess_t1_linear
 from .errors import PreprocessingError
@@ -88,7 +87,7 @@ class ScanInput:
 
 
 def _label(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]", "", text) or "unnamed"
+    return entity_label(text) or "unnamed"
 
 
 def find_scans(input_dir: str | Path) -> list[ScanInput]:
