@@ -31,8 +31,12 @@ __all__ = [
 class PadMaxPool3d(nn.Module):
     """2x2x2 max pooling that first pads odd dimensions by one voxel on the low-index side.
 
-    The output size of a dimension of size ``n`` is ``ceil(n / 2)``. The pad value is 0, which never
-    wins the maximum because this layer follows a ReLU.
+    The output size of a dimension of size ``n`` is ``ceil(n / 2)``; the first window of an odd
+    dimension holds its first voxel and the pad. This layer follows a ReLU, so the pad never wins the
+    maximum whatever its value: the windows are taken with max pooling's own padding (``padding=1`` on
+    an odd dimension starts the windows at -1 and drops the unused high-side pad), which avoids
+    copying the whole activation into a padded tensor (and the gradient back out of it) at every
+    block; ClinicaDL's explicit zero pad gives the same outputs and gradients on nonnegative inputs.
     """
 
     def __init__(self, kernel_size: int = 2, stride: int = 2) -> None:
@@ -44,10 +48,16 @@ class PadMaxPool3d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pool a (B, C, X, Y, Z) tensor to (B, C, ceil(X/2), ceil(Y/2), ceil(Z/2))."""
         pads = [(-size) % self.stride for size in x.shape[2:]]  # voxels missing to a multiple of the stride
-        if any(pads):
-            # F.pad lists the last dimension first: (z_low, z_high, y_low, y_high, x_low, x_high)
-            x = F.pad(x, (pads[2], 0, pads[1], 0, pads[0], 0))
-        return self.pool(x)
+        if not any(pads):
+            return self.pool(x)
+        # (tracing, e.g. the legacy ONNX exporter, records the sizes as tensors: pooling padding cannot take them)
+        pooling_pads = self.kernel_size == self.stride and max(pads) <= self.kernel_size // 2
+        if pooling_pads and not torch.jit.is_tracing():
+            # symmetric pooling padding p gives floor((n + 2p - k) / k) + 1 = (n + p) / k windows starting
+            # at -p: exactly the windows of a low-side pad of p (the high-side pad is never reached)
+            return F.max_pool3d(x, self.kernel_size, self.stride, padding=(pads[0], pads[1], pads[2]))
+        # F.pad lists the last dimension first: (z_low, z_high, y_low, y_high, x_low, x_high)
+        return self.pool(F.pad(x, (pads[2], 0, pads[1], 0, pads[0], 0)))
 
 
 class Conv5FC3(nn.Module):

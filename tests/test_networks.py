@@ -20,11 +20,20 @@ def test_conv5fc3_state_dict_keys_match_clinicadl():
     conv_idx = sorted({int(k.split(".")[1]) for k in keys if k.startswith("convolutions.")})
     assert conv_idx == [0, 1, 4, 5, 8, 9, 12, 13, 16, 17]
     assert [k for k in keys if k.startswith("fc.")] == [
-        "fc.2.weight", "fc.2.bias", "fc.4.weight", "fc.4.bias", "fc.6.weight", "fc.6.bias"
+        "fc.2.weight",
+        "fc.2.bias",
+        "fc.4.weight",
+        "fc.4.bias",
+        "fc.6.weight",
+        "fc.6.bias",
     ]
     assert keys[:6] == [
-        "convolutions.0.weight", "convolutions.0.bias", "convolutions.1.weight",
-        "convolutions.1.bias", "convolutions.1.running_mean", "convolutions.1.running_var",
+        "convolutions.0.weight",
+        "convolutions.0.bias",
+        "convolutions.1.weight",
+        "convolutions.1.bias",
+        "convolutions.1.running_mean",
+        "convolutions.1.running_var",
     ]
 
 
@@ -62,6 +71,64 @@ def test_padmaxpool_pads_low_side_and_ceil_size():
     assert torch.equal(pool(even), torch.nn.functional.max_pool3d(even, 2, 2))
 
 
+def _zero_pad_pool(x):
+    """ClinicaDL's PadMaxPool3d: an explicit zero pad on the low side, then 2x2x2 max pooling."""
+    pads = [(-size) % 2 for size in x.shape[2:]]
+    return torch.nn.functional.max_pool3d(torch.nn.functional.pad(x, (pads[2], 0, pads[1], 0, pads[0], 0)), 2, 2)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6, 7), (1, 2, 8, 9, 4), (2, 4, 3, 3, 3), (1, 1, 1, 2, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_padmaxpool_equals_the_explicit_zero_pad_in_outputs_and_gradients(shape, channels_last):
+    # the pooling's own padding replaces the copy into a padded tensor: same windows, same maxima
+    x = torch.rand(shape) + 0.1  # nonnegative (after a ReLU) and without ties
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x.requires_grad_()
+    y = PadMaxPool3d()(x)
+    weights = torch.randn_like(y)
+    (y * weights).sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    expected = _zero_pad_pool(x)
+    (expected * weights).sum().backward()
+    assert y.shape == expected.shape
+    assert torch.equal(y, expected)
+    assert torch.equal(grad, x.grad)
+
+
+def test_padmaxpool_keeps_the_explicit_pad_where_pooling_padding_cannot_express_it():
+    # stride 3 would need 2 voxels of padding, more than half the kernel: the explicit pad is used
+    pool = PadMaxPool3d(kernel_size=3, stride=3)
+    x = torch.rand(1, 1, 4, 6, 7) + 0.1
+    pads = [(-size) % 3 for size in x.shape[2:]]
+    expected = torch.nn.functional.max_pool3d(torch.nn.functional.pad(x, (pads[2], 0, pads[1], 0, pads[0], 0)), 3, 3)
+    assert torch.equal(pool(x), expected)
+
+
+def test_conv5fc3_parameter_gradients_are_those_of_clinicadls_zero_pad():
+    torch.manual_seed(0)
+    net = Conv5FC3(input_size=(37, 42, 35))
+    x = torch.randn(3, 1, 37, 42, 35)
+    out = net(x)
+    out.sum().backward()
+    grads = {name: p.grad.clone() for name, p in net.named_parameters()}
+    net.zero_grad()
+
+    class ZeroPadPool(torch.nn.Module):
+        def forward(self, x):
+            return _zero_pad_pool(x)
+
+    for i, module in enumerate(net.convolutions):
+        if isinstance(module, PadMaxPool3d):
+            net.convolutions[i] = ZeroPadPool()
+    expected = net(x)
+    expected.sum().backward()
+    assert torch.equal(out, expected)
+    for name, p in net.named_parameters():
+        assert torch.equal(grads[name], p.grad), name
+
+
 # ---- the other three architectures of the paper ----
 from scripts.networks import SECNN, ResNet3D, ViT3D, feature_block_names  # noqa: E402
 
@@ -92,9 +159,17 @@ def test_residual_networks_layer_table():
     assert _n_params(res, "features") == 895_104 and _n_params(se, "features") == 900_839
     # the last six parameter tensors (the authors' freezing rule) are the head plus two body tensors
     assert [n for n, _ in res.named_parameters()][-6:] == [
-        "features.4.bn2.bias", "features.4.shortcut.0.weight", "fc.1.weight", "fc.1.bias", "fc.4.weight", "fc.4.bias"
+        "features.4.bn2.bias",
+        "features.4.shortcut.0.weight",
+        "fc.1.weight",
+        "fc.1.bias",
+        "fc.4.weight",
+        "fc.4.bias",
     ]
-    assert [n for n, _ in se.named_parameters()][-6:-4] == ["features.4.se_block.fc2.bias", "features.4.shortcut.0.weight"]
+    assert [n for n, _ in se.named_parameters()][-6:-4] == [
+        "features.4.se_block.fc2.bias",
+        "features.4.shortcut.0.weight",
+    ]
     assert isinstance(res.fc[2], torch.nn.ELU) and res.fc[3].p == 0.8 and se.fc[1].p == 0.5
     assert se.features[0].se_block.fc1.out_features == 1  # reduction 8: 8 -> 1 -> 8
     assert feature_block_names(res)[-1] == ("features.4",)
