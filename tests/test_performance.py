@@ -32,7 +32,15 @@ def test_tune_allocator_returns_a_bool_is_idempotent_and_can_be_disabled():
             assert first is True
         print("ok")
         """)
-    out = subprocess.run([sys.executable, "-c", code], cwd=BUNDLE_ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=BUNDLE_ROOT,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=120,
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
@@ -132,3 +140,49 @@ def test_restore_allocator_and_worker_init_never_raise(monkeypatch):
     performance.worker_init(3)
     assert seeded == [3]  # MONAI's per-worker seeding still runs
     assert performance.tune_allocator() in (True, False)  # can be tuned again after a restore
+
+
+def _seeded_losses(dataset_dir, out_dir, **overrides) -> list[float]:
+    """Per-micro-batch training losses of 4 epochs of configs/train.yaml at the test size, seed 0."""
+    from ignite.engine import Events
+    from monai.bundle import ConfigWorkflow
+    from monai.handlers import from_engine
+
+    wf = ConfigWorkflow(
+        config_file=str(BUNDLE_ROOT / "configs" / "train.yaml"),
+        workflow_type="train",
+        bundle_root=str(out_dir),
+        dataset_dir=str(dataset_dir),
+        spatial_size=list(SMALL_SHAPE),
+        num_workers=0,
+        batch_size=4,
+        micro_batch_size=2,
+        val_interval=100,
+        **{"train#trainer#max_epochs": 4},
+        **overrides,
+    )
+    wf.initialize()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    losses: list[float] = []
+    loss_of = from_engine(["loss"], first=True)  # the decollated output holds the micro-batch loss in every item
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda engine: losses.append(float(loss_of(engine.state.output)))
+    )
+    trainer.run()
+    return losses
+
+
+def test_train_yaml_fast_path_gives_the_loss_curve_of_the_plain_path(small_demo, tmp_path):
+    # the defaults (plain tensors, channels-last network and batches) against MONAI's plain path on the
+    # same seeded run: motion, batches and initial weights are the same, only float rounding may differ
+    fast = _seeded_losses(small_demo, tmp_path / "fast")
+    plain = _seeded_losses(
+        small_demo,
+        tmp_path / "plain",
+        channels_last=False,
+        tune_allocator=False,
+        **{"train#prepare_batch#as_tensor": False},
+    )
+    assert len(fast) == len(plain) >= 8
+    assert len(set(fast)) > 1  # the run learns something: not a constant
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), rtol=1e-3, atol=1e-3)
