@@ -8,8 +8,10 @@ settings (the allocator) and caches (torch.compile) do not leak from one row to 
 - ``reference``: plain eager PyTorch, the same Conv5FC3 forward + cross-entropy + backward + Adam on
   ``--n`` random images already in memory, micro-batches of ``micro_batch_size`` with gradients
   accumulated over ``batch_size`` images as configs/train.yaml does; default allocator, contiguous
-  memory. Then the same loop with :func:`scripts.performance.tune_allocator`, with channels-last 3D
-  memory, and with ``torch.compile``: what the hardware allows without data loading.
+  memory, and ClinicaDL's pooling (odd dimensions copied into a zero-padded tensor). Then the same
+  loop with the bundle's pooling (max pooling's own padding, :class:`scripts.networks.PadMaxPool3d`),
+  with :func:`scripts.performance.tune_allocator`, with channels-last 3D memory, and with
+  ``torch.compile``: what the hardware allows without data loading.
 - ``bundle``: ``SupervisedTrainer`` of configs/train.yaml as it is (CacheDataset of ``--n`` demo
   images from :mod:`scripts.demo`, synthetic motion in the DataLoader workers, ``num_workers`` and
   micro-batches of the config); validation is switched off (``val_interval`` beyond the last epoch):
@@ -75,7 +77,8 @@ PERSISTENT_WORKERS: dict[str, Any] = {"train#dataloader#persistent_workers": "$@
 COMPILE: dict[str, Any] = {"train#trainer#compile": True}
 
 ROWS: list[tuple[str, str, dict[str, bool]]] = [
-    ("reference: eager PyTorch", "reference", {}),
+    ("reference: eager PyTorch", "reference", {"zero_pad": True}),
+    ("reference + pooling padding", "reference", {}),
     ("reference + allocator", "reference", {"allocator": True}),
     ("reference + allocator + channels-last", "reference", {"allocator": True, "channels_last": True}),
     (
@@ -120,6 +123,23 @@ def _prepare(work: Path, n: int, voxel_size: float) -> Path:
     return write_json_atomic({"training": items, "validation": items[:1]}, work / f"datalist_{n}_{voxel_size:g}mm.json")
 
 
+def _zero_pad_pooling(network: Any) -> None:
+    """Give ``network`` ClinicaDL's pooling: every odd dimension copied into a zero-padded tensor first."""
+    import torch
+    import torch.nn.functional as F
+
+    from scripts.networks import PadMaxPool3d
+
+    class ZeroPadMaxPool3d(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            pads = [(-size) % 2 for size in x.shape[2:]]
+            return F.max_pool3d(F.pad(x, (pads[2], 0, pads[1], 0, pads[0], 0)), 2, 2)
+
+    for i, module in enumerate(network.convolutions):
+        if isinstance(module, PadMaxPool3d):
+            network.convolutions[i] = ZeroPadMaxPool3d()
+
+
 def _reference(args: argparse.Namespace, opts: dict[str, bool]) -> dict[str, Any]:
     """Plain PyTorch training loop over random in-memory images; per-epoch seconds."""
     import torch
@@ -136,7 +156,10 @@ def _reference(args: argparse.Namespace, opts: dict[str, bool]) -> dict[str, Any
     torch.manual_seed(0)
     images = [torch.randn(min(micro, args.n - i), 1, *shape) for i in range(0, args.n, micro)]
     labels = [torch.randint(0, 2, (len(x),)) for x in images]
-    network = channels_last(Conv5FC3(input_size=shape), bool(opts.get("channels_last")))
+    network = Conv5FC3(input_size=shape)
+    if opts.get("zero_pad"):
+        _zero_pad_pooling(network)
+    network = channels_last(network, bool(opts.get("channels_last")))
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-4, weight_decay=1e-4)
     model = torch.compile(network) if opts.get("compile") else network
     memory_format = CHANNELS_LAST if opts.get("channels_last") else torch.contiguous_format
@@ -254,7 +277,7 @@ def _bundle(args: argparse.Namespace, opts: dict[str, bool]) -> dict[str, Any]:
     result: dict[str, Any] = {"warmup": epochs[0], "epochs": epochs[1:], "images": n, "allocator": performance._tuned}
     if "prof" in state:
         averages = state["prof"].key_averages()
-        seconds = {name: 0.0 for name in PHASES}
+        seconds = dict.fromkeys(PHASES, 0.0)
         for event in averages:
             if event.key in seconds:
                 seconds[event.key] += event.cpu_time_total / 1e6
