@@ -37,12 +37,14 @@ class PadMaxPool3d(nn.Module):
     an odd dimension starts the windows at -1 and drops the unused high-side pad), which avoids
     copying the whole activation into a padded tensor (and the gradient back out of it) at every
     block; ClinicaDL's explicit zero pad gives the same outputs and gradients on nonnegative inputs.
+    ``explicit_pad=True`` pads explicitly as ClinicaDL does (the reference of the tests and benchmarks).
     """
 
-    def __init__(self, kernel_size: int = 2, stride: int = 2) -> None:
+    def __init__(self, kernel_size: int = 2, stride: int = 2, explicit_pad: bool = False) -> None:
         super().__init__()
         self.kernel_size = kernel_size
         self.stride = stride
+        self.explicit_pad = explicit_pad
         self.pool = Pool[Pool.MAX, 3](kernel_size=kernel_size, stride=stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +53,7 @@ class PadMaxPool3d(nn.Module):
         if not any(pads):
             return self.pool(x)
         # (tracing, e.g. the legacy ONNX exporter, records the sizes as tensors: pooling padding cannot take them)
-        pooling_pads = self.kernel_size == self.stride and max(pads) <= self.kernel_size // 2
+        pooling_pads = not self.explicit_pad and self.kernel_size == self.stride and max(pads) <= self.kernel_size // 2
         if pooling_pads and not torch.jit.is_tracing():
             # symmetric pooling padding p gives floor((n + 2p - k) / k) + 1 = (n + p) / k windows starting
             # at -p: exactly the windows of a low-side pad of p (the high-side pad is never reached)

@@ -95,6 +95,7 @@ def test_padmaxpool_equals_the_explicit_zero_pad_in_outputs_and_gradients(shape,
     assert y.shape == expected.shape
     assert torch.equal(y, expected)
     assert torch.equal(grad, x.grad)
+    assert torch.equal(PadMaxPool3d(explicit_pad=True)(x), expected)  # the layer's own ClinicaDL mode
 
 
 def test_padmaxpool_keeps_the_explicit_pad_where_pooling_padding_cannot_express_it():
@@ -115,13 +116,9 @@ def test_conv5fc3_parameter_gradients_are_those_of_clinicadls_zero_pad():
     grads = {name: p.grad.clone() for name, p in net.named_parameters()}
     net.zero_grad()
 
-    class ZeroPadPool(torch.nn.Module):
-        def forward(self, x):
-            return _zero_pad_pool(x)
-
-    for i, module in enumerate(net.convolutions):
+    for module in net.convolutions:
         if isinstance(module, PadMaxPool3d):
-            net.convolutions[i] = ZeroPadPool()
+            module.explicit_pad = True  # ClinicaDL's zero pad, copied into a new tensor
     expected = net(x)
     expected.sum().backward()
     assert torch.equal(out, expected)

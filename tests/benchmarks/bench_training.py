@@ -123,30 +123,13 @@ def _prepare(work: Path, n: int, voxel_size: float) -> Path:
     return write_json_atomic({"training": items, "validation": items[:1]}, work / f"datalist_{n}_{voxel_size:g}mm.json")
 
 
-def _zero_pad_pooling(network: Any) -> None:
-    """Give ``network`` ClinicaDL's pooling: every odd dimension copied into a zero-padded tensor first."""
-    import torch
-    import torch.nn.functional as F
-
-    from scripts.networks import PadMaxPool3d
-
-    class ZeroPadMaxPool3d(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            pads = [(-size) % 2 for size in x.shape[2:]]
-            return F.max_pool3d(F.pad(x, (pads[2], 0, pads[1], 0, pads[0], 0)), 2, 2)
-
-    for i, module in enumerate(network.convolutions):
-        if isinstance(module, PadMaxPool3d):
-            network.convolutions[i] = ZeroPadMaxPool3d()
-
-
 def _reference(args: argparse.Namespace, opts: dict[str, bool]) -> dict[str, Any]:
     """Plain PyTorch training loop over random in-memory images; per-epoch seconds."""
     import torch
 
     from scripts import performance
     from scripts.demo import t1_linear_grid
-    from scripts.networks import Conv5FC3
+    from scripts.networks import Conv5FC3, PadMaxPool3d
     from scripts.performance import CHANNELS_LAST, channels_last, tune_allocator
 
     tune_allocator(bool(opts.get("allocator")))
@@ -157,8 +140,9 @@ def _reference(args: argparse.Namespace, opts: dict[str, bool]) -> dict[str, Any
     images = [torch.randn(min(micro, args.n - i), 1, *shape) for i in range(0, args.n, micro)]
     labels = [torch.randint(0, 2, (len(x),)) for x in images]
     network = Conv5FC3(input_size=shape)
-    if opts.get("zero_pad"):
-        _zero_pad_pooling(network)
+    for module in network.convolutions:  # ClinicaDL's pooling: odd dimensions copied into a zero-padded tensor
+        if isinstance(module, PadMaxPool3d):
+            module.explicit_pad = bool(opts.get("zero_pad"))
     network = channels_last(network, bool(opts.get("channels_last")))
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-4, weight_decay=1e-4)
     model = torch.compile(network) if opts.get("compile") else network
