@@ -25,6 +25,7 @@ __all__ = [
     "ViT3D",
     "classifier_head_names",
     "feature_block_names",
+    "set_batchnorm_momentum",
 ]
 
 
@@ -77,6 +78,13 @@ class Conv5FC3(nn.Module):
         num_classes: number of output logits.
         dropout: dropout probability before the first linear layer (ClinicaDL's default 0).
         channels: output channels of the five convolution blocks.
+        pool_before_relu: how many blocks, from the first, pool before their ReLU (``Conv3d -> BatchNorm3d
+            -> PadMaxPool3d -> ReLU``). ReLU is monotone, so ``relu(max(window)) == max(relu(window))``:
+            outputs and every gradient are those of ClinicaDL's order (bit-identical, tested), but the
+            ReLU and its backward pass see an eighth of the voxels. The first blocks hold almost all the
+            activations (the first alone 200 MB per image at 169x208x179), hence the default 3; block 4
+            keeps ClinicaDL's order so that its ReLU (``saliency_layer``) is explained at full resolution.
+            The state dict is the same for every value (ReLU and pooling have no parameters).
     """
 
     #: modules fine-tuned in transfer learning (the three linear layers).
@@ -91,8 +99,11 @@ class Conv5FC3(nn.Module):
         num_classes: int = 2,
         dropout: float = 0.0,
         channels: Sequence[int] = (8, 16, 32, 64, 128),
+        pool_before_relu: int = 3,
     ) -> None:
         super().__init__()
+        if not 0 <= pool_before_relu <= min(3, len(channels)):
+            raise ValueError(f"pool_before_relu must be in 0..{min(3, len(channels))}, got {pool_before_relu}.")
         if len(input_size) != 3:
             raise ValueError(f"Conv5FC3 expects a 3D input size, got {tuple(input_size)}.")
         self.input_size = tuple(int(s) for s in input_size)
@@ -100,12 +111,12 @@ class Conv5FC3(nn.Module):
         conv_type, norm_type, act_type = Conv[Conv.CONV, 3], Norm[Norm.BATCH, 3], Act[Act.RELU]
         layers: list[nn.Module] = []
         prev = in_channels
-        for ch in channels:
+        for i, ch in enumerate(channels):
+            relu_pool = [act_type(inplace=True), PadMaxPool3d()]
             layers += [
                 conv_type(prev, ch, kernel_size=3, stride=1, padding=1),
                 norm_type(ch),
-                act_type(inplace=True),
-                PadMaxPool3d(),
+                *(relu_pool[::-1] if i < pool_before_relu else relu_pool),
             ]
             prev = ch
         self.convolutions = nn.Sequential(*layers)
@@ -159,6 +170,24 @@ def feature_block_names(network: nn.Module) -> tuple[tuple[str, ...], ...]:
         raise ValueError(f"{type(network).__name__} does not declare its feature blocks (a `block_modules()` method).")
     # a plain method, not a property: TorchScript compiles properties but not unused methods
     return tuple(tuple(b) if not isinstance(b, str) else (b,) for b in method())
+
+
+def set_batchnorm_momentum(network: nn.Module, momentum: float | None) -> nn.Module:
+    """Set the running-statistics momentum of every BatchNorm layer of ``network`` (in place; returned).
+
+    PyTorch's default, 0.1, averages the running mean and variance over about the last ten batches. With
+    micro-batches of a few images that share one anatomy, the statistics used at evaluation then follow
+    whichever heads came last; fine-tuning with e.g. 0.01 averages them over about a hundred batches.
+    ``None`` leaves the network unchanged.
+    """
+    if momentum is None:
+        return network
+    if not 0.0 < momentum <= 1.0:
+        raise ValueError(f"BatchNorm momentum must be in (0, 1], got {momentum}.")
+    for module in network.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
+    return network
 
 
 class SqueezeExcitation3D(nn.Module):

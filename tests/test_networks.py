@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from scripts.networks import Conv5FC3, PadMaxPool3d, classifier_head_names
+from scripts.networks import Conv5FC3, PadMaxPool3d, classifier_head_names, set_batchnorm_momentum
 
 
 def test_conv5fc3_exact_parameter_count_at_full_size():
@@ -55,6 +55,24 @@ def test_conv5fc3_dropout_default_zero_and_configurable():
     assert Conv5FC3(input_size=(32, 32, 32)).fc[1].p == 0.0
     assert Conv5FC3(input_size=(32, 32, 32), dropout=0.5).fc[1].p == 0.5
     assert classifier_head_names(Conv5FC3(input_size=(32, 32, 32))) == ("fc",)
+
+
+def test_set_batchnorm_momentum_slows_the_running_statistics():
+    torch.manual_seed(0)
+    slow, fast = Conv5FC3(input_size=(32, 32, 32)), Conv5FC3(input_size=(32, 32, 32))
+    fast.load_state_dict(slow.state_dict())
+    assert set_batchnorm_momentum(slow, 0.01) is slow
+    bns = [m for m in slow.modules() if isinstance(m, torch.nn.BatchNorm3d)]
+    assert len(bns) == 5 and all(m.momentum == 0.01 for m in bns)
+    x = torch.randn(2, 1, 32, 32, 32) * 3 + 5
+    for net in (slow, fast):
+        net.train()(x)
+    # the first layer's running mean moved a tenth as far from its initial zero
+    moved_slow, moved_fast = slow.convolutions[1].running_mean, fast.convolutions[1].running_mean
+    assert torch.allclose(moved_slow * 10, moved_fast, rtol=1e-4, atol=1e-6) and moved_fast.abs().max() > 0
+    assert set_batchnorm_momentum(fast, None).convolutions[1].momentum == 0.1
+    with pytest.raises(ValueError, match="momentum"):
+        set_batchnorm_momentum(fast, 0.0)
 
 
 def test_padmaxpool_pads_low_side_and_ceil_size():
@@ -124,6 +142,35 @@ def test_conv5fc3_parameter_gradients_are_those_of_clinicadls_zero_pad():
     assert torch.equal(out, expected)
     for name, p in net.named_parameters():
         assert torch.equal(grads[name], p.grad), name
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv5fc3_pooling_before_relu_gives_clinicadls_outputs_and_gradients(channels_last):
+    torch.manual_seed(0)
+    clinicadl = Conv5FC3(input_size=(37, 42, 35), pool_before_relu=0)
+    fast = Conv5FC3(input_size=(37, 42, 35))
+    fast.load_state_dict(clinicadl.state_dict())  # the same state dict whatever the order
+    assert [type(m).__name__ for m in clinicadl.convolutions[:4]] == ["Conv3d", "BatchNorm3d", "ReLU", "PadMaxPool3d"]
+    assert [type(m).__name__ for m in fast.convolutions[:4]] == ["Conv3d", "BatchNorm3d", "PadMaxPool3d", "ReLU"]
+    assert type(fast.get_submodule(fast.saliency_layer)).__name__ == "ReLU"  # block 4 keeps ClinicaDL's order
+    assert type(fast.convolutions[10]).__name__ == "PadMaxPool3d" and type(fast.convolutions[14]).__name__ == "ReLU"
+    x = torch.randn(3, 1, 37, 42, 35)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        clinicadl, fast = (n.to(memory_format=torch.channels_last_3d) for n in (clinicadl, fast))
+    weights = torch.randn(3, 2)
+    outs = []
+    for net in (clinicadl, fast):
+        out = net(x)
+        (out * weights).sum().backward()
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    for (name, p), q in zip(clinicadl.named_parameters(), fast.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    for name, buf in clinicadl.named_buffers():  # BatchNorm statistics of the training pass
+        assert torch.equal(buf, fast.get_buffer(name)), name
+    with pytest.raises(ValueError, match="pool_before_relu"):
+        Conv5FC3(input_size=(32, 32, 32), pool_before_relu=4)
 
 
 # ---- the other three architectures of the paper ----
