@@ -8,10 +8,11 @@ settings (the allocator) and caches (torch.compile) do not leak from one row to 
 - ``reference``: plain eager PyTorch, the same Conv5FC3 forward + cross-entropy + backward + Adam on
   ``--n`` random images already in memory, micro-batches of ``micro_batch_size`` with gradients
   accumulated over ``batch_size`` images as configs/train.yaml does; default allocator, contiguous
-  memory, and ClinicaDL's pooling (odd dimensions copied into a zero-padded tensor). Then the same
-  loop with the bundle's pooling (max pooling's own padding, :class:`scripts.networks.PadMaxPool3d`),
-  with :func:`scripts.performance.tune_allocator`, with channels-last 3D memory, and with
-  ``torch.compile``: what the hardware allows without data loading.
+  memory, and ClinicaDL's network as it is (ReLU then pooling in every block, odd dimensions copied
+  into a zero-padded tensor). Then the same loop with the bundle's pooling (max pooling's own padding,
+  :class:`scripts.networks.PadMaxPool3d`), with the bundle's block order (pooling before the ReLU in
+  blocks 1-3, ``Conv5FC3(pool_before_relu=3)``), with :func:`scripts.performance.tune_allocator`, with
+  channels-last 3D memory, and with ``torch.compile``: what the hardware allows without data loading.
 - ``bundle``: ``SupervisedTrainer`` of configs/train.yaml as it is (CacheDataset of ``--n`` demo
   images from :mod:`scripts.demo`, synthetic motion in the DataLoader workers, ``num_workers`` and
   micro-batches of the config); validation is switched off (``val_interval`` beyond the last epoch):
@@ -77,8 +78,9 @@ PERSISTENT_WORKERS: dict[str, Any] = {"train#dataloader#persistent_workers": "$@
 COMPILE: dict[str, Any] = {"train#trainer#compile": True}
 
 ROWS: list[tuple[str, str, dict[str, bool]]] = [
-    ("reference: eager PyTorch", "reference", {"zero_pad": True}),
-    ("reference + pooling padding", "reference", {}),
+    ("reference: eager PyTorch", "reference", {"zero_pad": True, "relu_first": True}),
+    ("reference + pooling padding", "reference", {"relu_first": True}),
+    ("reference + pooling padding + pooling before ReLU", "reference", {}),
     ("reference + allocator", "reference", {"allocator": True}),
     ("reference + allocator + channels-last", "reference", {"allocator": True, "channels_last": True}),
     (
@@ -139,7 +141,8 @@ def _reference(args: argparse.Namespace, opts: dict[str, bool]) -> dict[str, Any
     torch.manual_seed(0)
     images = [torch.randn(min(micro, args.n - i), 1, *shape) for i in range(0, args.n, micro)]
     labels = [torch.randint(0, 2, (len(x),)) for x in images]
-    network = Conv5FC3(input_size=shape)
+    # ClinicaDL's block order (ReLU, then pooling) or the bundle's (pooling first in blocks 1-3: same numbers)
+    network = Conv5FC3(input_size=shape, pool_before_relu=0 if opts.get("relu_first") else 3)
     for module in network.convolutions:  # ClinicaDL's pooling: odd dimensions copied into a zero-padded tensor
         if isinstance(module, PadMaxPool3d):
             module.explicit_pad = bool(opts.get("zero_pad"))
