@@ -18,7 +18,9 @@ settings (the allocator) and caches (torch.compile) do not leak from one row to 
   micro-batches of the config); validation is switched off (``val_interval`` beyond the last epoch):
   the rows time training epochs only. Then the same with plain-tensor batches (:data:`PLAIN_TENSORS`),
   with the overrides of :data:`FAST_PATH` (plain tensors, channels-last, allocator), with persistent
-  DataLoader workers (:data:`PERSISTENT_WORKERS`) and with ``train#trainer#compile``.
+  DataLoader workers (:data:`PERSISTENT_WORKERS`) and with ``train#trainer#compile``; and as it is with
+  one DataLoader worker, or none (motion made in the training process between steps): the thread
+  layout on a machine whose cores the workers share with the training threads.
 
 Every row runs one warm-up epoch (first-call costs: oneDNN kernel selection, torch.compile, worker
 start) and then ``--repeats`` timed epochs; ``s/image`` is the median timed epoch divided by the
@@ -77,7 +79,7 @@ PERSISTENT_WORKERS: dict[str, Any] = {"train#dataloader#persistent_workers": "$@
 #: MONAI's SupervisedTrainer compiles the network with torch.compile (needs the plain tensors of FAST_PATH)
 COMPILE: dict[str, Any] = {"train#trainer#compile": True}
 
-ROWS: list[tuple[str, str, dict[str, bool]]] = [
+ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("reference: eager PyTorch", "reference", {"zero_pad": True, "relu_first": True}),
     ("reference + pooling padding", "reference", {"relu_first": True}),
     ("reference + pooling padding + pooling before ReLU", "reference", {}),
@@ -89,6 +91,8 @@ ROWS: list[tuple[str, str, dict[str, bool]]] = [
         {"allocator": True, "channels_last": True, "compile": True},
     ),
     ("bundle: train.yaml", "bundle", {"profile": True}),
+    ("bundle, 1 DataLoader worker", "bundle", {"workers": 1, "profile": True}),
+    ("bundle, motion in the main process (0 workers)", "bundle", {"workers": 0, "profile": True}),
     ("bundle + plain tensors", "bundle", {"plain_tensors": True, "profile": True}),
     ("bundle + fast path", "bundle", {"fast": True, "profile": True}),
     ("bundle + fast path + persistent workers", "bundle", {"fast": True, "persistent": True, "profile": True}),
@@ -235,6 +239,8 @@ def _bundle(args: argparse.Namespace, opts: dict[str, bool]) -> dict[str, Any]:
     ):
         if on:
             parser.update(overrides)
+    if "workers" in opts:  # the thread layout: motion workers beside the training threads on the same cores
+        parser.update({"num_workers": int(opts["workers"])})
     parser.get_parsed_content("initialize")
     trainer = parser.get_parsed_content("train#trainer")
     n = len(trainer.data_loader.dataset)
