@@ -70,21 +70,12 @@ def recalibrate_batchnorm(network: nn.Module, batches: Iterable[torch.Tensor]) -
     The network's training/eval mode and the momenta are restored afterwards; returns ``network``.
     Raises ``ValueError`` when ``batches`` is empty (the statistics would be left reset).
     """
-    counted = _Counted(batches)
-    torch.optim.swa_utils.update_bn(counted, network)
-    if counted.n == 0:
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
         raise ValueError("recalibrate_batchnorm: no batches were given")
+    torch.optim.swa_utils.update_bn(itertools.chain([first], batches), network)
     return network
-
-
-class _Counted:
-    def __init__(self, batches: Iterable[torch.Tensor]) -> None:
-        self.batches, self.n = batches, 0
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        for batch in self.batches:
-            self.n += 1
-            yield batch
 
 
 def training_batches(
