@@ -76,13 +76,21 @@ def generate(cache_dir: Path, specs: dict[str, dict], voxel_size: float) -> dict
 
 
 @torch.no_grad()
-def score(datalist: Path, network: torch.nn.Module, preprocessing, batch: int = 2) -> tuple[np.ndarray, list[dict]]:
+def score(
+    datalist: Path, network: torch.nn.Module, preprocessing, batch: int = 2, flip: bool = False
+) -> tuple[np.ndarray, list[dict]]:
+    """Motion probabilities of a datalist's ``test`` items; ``flip`` also scores each image mirrored
+    left-right (the first spatial axis of RAS t1-linear space) and averages the two probabilities."""
     items = load_datalist(datalist, "test")
     probs = []
     for start in range(0, len(items), batch):
         chunk = [preprocessing(dict(item)) for item in items[start : start + batch]]
         x = torch.stack([torch.as_tensor(d["image"]) for d in chunk]).contiguous(memory_format=torch.channels_last_3d)
-        probs += torch.softmax(network(x), dim=1)[:, 1].tolist()
+        p = torch.softmax(network(x), dim=1)[:, 1]
+        if flip:
+            x = torch.flip(x, dims=(2,)).contiguous(memory_format=torch.channels_last_3d)
+            p = 0.5 * (p + torch.softmax(network(x), dim=1)[:, 1])
+        probs += p.tolist()
     return np.asarray(probs), items
 
 
@@ -119,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache_dir", default=str(ROOT / "runs" / "heldout"))
     parser.add_argument("--generate_only", action="store_true")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--flip", action="store_true", help="average each probability with the mirrored image's")
     args = parser.parse_args(argv)
 
     from monai.bundle import ConfigParser
@@ -150,14 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     rows, pooled_y, pooled_p = [], [], []
     for name, path in paths.items():
         t0 = time.perf_counter()
-        p, items = score(path, network, preprocessing)
+        p, items = score(path, network, preprocessing, flip=args.flip)
         y = np.asarray([int(it["label"]) for it in items])
         rows.append(_row(name, y, p, threshold, time.perf_counter() - t0))
         if name in MAIN_SETS:
             pooled_y.append(y)
             pooled_p.append(p)
     rows.insert(0, _row("overall (4 main sets)", np.concatenate(pooled_y), np.concatenate(pooled_p), threshold, 0.0))
-    print(f"\ncheckpoint {args.ckpt}, threshold {threshold:g}, voxel size {args.voxel_size:g} mm")
+    flip = ", left-right mirror averaged" if args.flip else ""
+    print(f"\ncheckpoint {args.ckpt}, threshold {threshold:g}, voxel size {args.voxel_size:g} mm{flip}")
     print("| set | n (motion) | BA | AUC | sensitivity | specificity | flagged as motion |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -172,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         f"worst nuisance false-positive rate {worst_fp:.3f} (goal <= 0.05: {'met' if worst_fp <= 0.05 else 'NOT met'})"
     )
     if args.json:
-        Path(args.json).write_text(json.dumps({"ckpt": args.ckpt, "threshold": threshold, "rows": rows}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"ckpt": args.ckpt, "threshold": threshold, "flip": args.flip, "rows": rows}, indent=2)
+        )
     return 0
 
 
