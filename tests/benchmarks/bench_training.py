@@ -208,7 +208,7 @@ class _Phases:
             self.start(start)
 
 
-def _bundle(args: argparse.Namespace, opts: dict[str, bool]) -> dict[str, Any]:
+def _bundle(args: argparse.Namespace, opts: dict[str, Any]) -> dict[str, Any]:
     """configs/train.yaml's trainer (+ overrides) on the demo datalist; per-epoch seconds and a profile."""
     import torch
     from ignite.engine import Events
