@@ -18,6 +18,7 @@ from torch import nn
 
 __all__ = [
     "PadMaxPool3d",
+    "batchnorm_maxpool3d",
     "Conv5FC3",
     "ResidualBlock3D",
     "ResNet3D",
@@ -63,6 +64,89 @@ class PadMaxPool3d(nn.Module):
         return self.pool(F.pad(x, (pads[2], 0, pads[1], 0, pads[0], 0)))
 
 
+class _BatchNormMaxPool3d(torch.autograd.Function):
+    """Training-mode BatchNorm followed by 2x2x2 max pooling, without the normalised full-size tensor.
+
+    BatchNorm is a per-channel affine map ``z = scale * y + shift`` once the batch statistics are known,
+    and an affine map with a nonnegative scale commutes with the maximum (with a negative scale the
+    maximum of ``z`` is at the minimum of ``y``). So the forward pass takes the batch statistics of
+    ``y`` (two passes), pools ``y`` itself and normalises only the pooled eighth; the backward pass
+    needs the gradient of ``z`` only where a window's maximum is, which makes the sums of BatchNorm's
+    backward pass sums over the pooled eighth, and leaves one dense pass ``dy = a * y + b`` on top of
+    pooling's own scatter. The full-size normalised tensor is never written, read or kept for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, y, weight, bias, eps, padding):  # noqa: D102 (torch.autograd.Function protocol)
+        channels = y.shape[1]
+        n = y.numel() // channels
+        # two-pass statistics (mean, then the mean square of the deviations): as exact as float32 allows,
+        # and faster on channels-last tensors than torch.var_mean's one-pass kernel
+        mean = y.sum(dim=(0, 2, 3, 4)) / n
+        var = torch.zeros_like(mean)
+        for sample in y.split(1):  # deviations one sample at a time: a temporary of one image, not the batch
+            var += (sample - _per_channel(mean)).square_().sum(dim=(0, 2, 3, 4))
+        var /= n
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else weight * invstd
+        shift = -mean * scale if bias is None else bias - mean * scale
+        negative = bool((scale < 0).any())
+        sign = torch.where(scale < 0, -1.0, 1.0).to(y.dtype)  # pool sign * y: the minimum where the scale is < 0
+        pooled, indices = F.max_pool3d(
+            y * _per_channel(sign) if negative else y, 2, 2, padding=padding, return_indices=True
+        )
+        if negative:
+            pooled = pooled * _per_channel(sign)
+        out = torch.addcmul(_per_channel(shift), pooled, _per_channel(scale))
+        ctx.save_for_backward(y, indices, pooled, mean, invstd, scale)
+        ctx.padding = padding
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_var):  # noqa: D102
+        y, indices, pooled, mean, invstd, scale = ctx.saved_tensors
+        n = y.numel() // y.shape[1]
+        grad_shift = grad_out.sum(dim=(0, 2, 3, 4))  # = d loss / d bias
+        xhat = (pooled - _per_channel(mean)) * _per_channel(invstd)  # normalised values at the maxima
+        grad_weight = (grad_out * xhat).sum(dim=(0, 2, 3, 4))  # = d loss / d weight
+        # BatchNorm's input gradient: scale * (dz - mean(dz) - xhat * mean(dz * xhat)), where dz is
+        # grad_out scattered to the maxima; both means are sums over the maxima divided by n
+        dense_slope = -scale * invstd * grad_weight / n
+        dense_offset = -scale * grad_shift / n - dense_slope * mean
+        grad_y = torch.ops.aten.max_pool3d_with_indices_backward(
+            grad_out * _per_channel(scale), y, [2, 2, 2], [2, 2, 2], list(ctx.padding), [1, 1, 1], False, indices
+        )
+        grad_y.addcmul_(y, _per_channel(dense_slope)).add_(_per_channel(dense_offset))
+        return (grad_y, grad_weight if ctx.has_weight else None, grad_shift if ctx.has_bias else None, None, None)
+
+
+def _per_channel(values: torch.Tensor) -> torch.Tensor:
+    return values.view(1, -1, 1, 1, 1)
+
+
+def batchnorm_maxpool3d(y: torch.Tensor, norm: nn.BatchNorm3d) -> torch.Tensor:
+    """``PadMaxPool3d()(norm(y))`` for a BatchNorm in training mode, fused (see :class:`_BatchNormMaxPool3d`).
+
+    Same outputs, gradients (input, weight, bias) and running-statistics update as the two modules, to
+    float rounding (PyTorch's own channels-last BatchNorm kernel sums 25 million voxels per channel less
+    exactly than the two passes here). ``norm`` must be a training-mode BatchNorm3d that tracks running
+    statistics; its ``momentum`` (``None``: cumulative average) and ``num_batches_tracked`` are honoured.
+    """
+    if not (norm.training and norm.track_running_stats and norm.running_mean is not None):
+        raise ValueError("batchnorm_maxpool3d needs a BatchNorm3d in training mode that tracks running statistics.")
+    padding = tuple((-size) % 2 for size in y.shape[2:])
+    out, mean, var = _BatchNormMaxPool3d.apply(y, norm.weight, norm.bias, norm.eps, padding)
+    with torch.no_grad():
+        norm.num_batches_tracked.add_(1)
+        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+        n = y.numel() // y.shape[1]
+        norm.running_mean.mul_(1.0 - factor).add_(mean, alpha=factor)
+        norm.running_var.mul_(1.0 - factor).add_(var * (n / max(n - 1, 1)), alpha=factor)  # unbiased, as PyTorch
+    return out
+
+
 class Conv5FC3(nn.Module):
     """ClinicaDL's Conv5_FC3 (Loizillon et al., METHOD.md §4.1).
 
@@ -85,6 +169,14 @@ class Conv5FC3(nn.Module):
             activations (the first alone 200 MB per image at 169x208x179), hence the default 3; block 4
             keeps ClinicaDL's order so that its ReLU (``saliency_layer``) is explained at full resolution.
             The state dict is the same for every value (ReLU and pooling have no parameters).
+        fuse_batchnorm_pool: in training mode on CPU, run BatchNorm and pooling of the blocks that pool
+            before their ReLU as one operation (:func:`batchnorm_maxpool3d`): the normalised full-size
+            activation is never written, and BatchNorm's backward pass sums over the pooled eighth. Same
+            outputs, gradients and running statistics to float rounding (tested). Evaluation, CUDA,
+            MetaTensor inputs (give plain tensors: ``ChannelsLastPrepareBatch(as_tensor=True)``, the
+            default of configs/train.yaml), TorchScript, tracing, ``torch.compile`` and modules with hooks
+            take the plain module path; ``False`` always does (the fallback; ``--fuse_batchnorm_pool false``
+            in configs/train.yaml).
     """
 
     #: modules fine-tuned in transfer learning (the three linear layers).
@@ -100,6 +192,7 @@ class Conv5FC3(nn.Module):
         dropout: float = 0.0,
         channels: Sequence[int] = (8, 16, 32, 64, 128),
         pool_before_relu: int = 3,
+        fuse_batchnorm_pool: bool = True,
     ) -> None:
         super().__init__()
         if not 0 <= pool_before_relu <= min(3, len(channels)):
@@ -107,6 +200,8 @@ class Conv5FC3(nn.Module):
         if len(input_size) != 3:
             raise ValueError(f"Conv5FC3 expects a 3D input size, got {tuple(input_size)}.")
         self.input_size = tuple(int(s) for s in input_size)
+        self.pool_before_relu = int(pool_before_relu)
+        self.fuse_batchnorm_pool = bool(fuse_batchnorm_pool)
         self.expected_spatial = list(self.input_size)
         conv_type, norm_type, act_type = Conv[Conv.CONV, 3], Norm[Norm.BATCH, 3], Act[Act.RELU]
         layers: list[nn.Module] = []
@@ -145,11 +240,53 @@ class Conv5FC3(nn.Module):
                 + str(spatial)
                 + "; set the network's input_size (config key `spatial_size`) to the image size."
             )
+        if not torch.jit.is_scripting():
+            if self._fuses(x):
+                return self.fc(self._fused_convolutions(x))
         return self.fc(self.convolutions(x))
+
+    @torch.jit.unused
+    def _fuses(self, x: torch.Tensor) -> bool:
+        """Whether this forward pass takes the fused BatchNorm + pooling path (see ``fuse_batchnorm_pool``)."""
+        return (
+            self.fuse_batchnorm_pool
+            and self.training
+            and x.device.type == "cpu"
+            and type(x) is torch.Tensor  # MetaTensor batches: MONAI's metadata on every op, the module path
+            and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+            and not (self.convolutions._forward_hooks or self.convolutions._forward_pre_hooks)
+        )
+
+    @torch.jit.unused
+    def _fused_convolutions(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.convolutions(x)`` with BatchNorm and pooling fused in the blocks that pool before the ReLU."""
+        layers = list(self.convolutions)
+        for block in range(len(layers) // 4):
+            conv, norm, third, fourth = layers[4 * block : 4 * block + 4]
+            x = conv(x)
+            if block < self.pool_before_relu and _fusible(norm, third):
+                x = fourth(batchnorm_maxpool3d(x, norm))
+            else:
+                x = fourth(third(norm(x)))
+        return x
 
     def block_modules(self) -> tuple[tuple[str, ...], ...]:
         """Parameterised modules of each convolution block, first to last (conv and BatchNorm)."""
         return tuple((f"convolutions.{4 * i}", f"convolutions.{4 * i + 1}") for i in range(len(self.convolutions) // 4))
+
+
+def _fusible(norm: nn.Module, pool: nn.Module) -> bool:
+    """Whether ``pool(norm(y))`` may run as :func:`batchnorm_maxpool3d` (no hooks would be skipped)."""
+    return (
+        type(norm) is nn.BatchNorm3d
+        and norm.training
+        and norm.track_running_stats
+        and isinstance(pool, PadMaxPool3d)
+        and pool.kernel_size == pool.stride == 2
+        and not pool.explicit_pad
+        and not any(m._forward_hooks or m._forward_pre_hooks for m in (norm, pool, pool.pool))
+    )
 
 
 def classifier_head_names(network: nn.Module) -> tuple[str, ...]:

@@ -1,9 +1,14 @@
-"""Tests of scripts.networks: Conv5FC3's layer table, parameter count, keys and PadMaxPool3d."""
+"""Tests of scripts.networks: Conv5FC3's layer table, parameter count, keys, PadMaxPool3d and the fused
+BatchNorm + pooling of its training pass."""
+
+import copy
 
 import pytest
 import torch
+from monai.data import MetaTensor
 
-from scripts.networks import Conv5FC3, PadMaxPool3d, classifier_head_names, set_batchnorm_momentum
+import scripts.networks
+from scripts.networks import Conv5FC3, PadMaxPool3d, batchnorm_maxpool3d, classifier_head_names, set_batchnorm_momentum
 
 
 def test_conv5fc3_exact_parameter_count_at_full_size():
@@ -127,7 +132,7 @@ def test_padmaxpool_keeps_the_explicit_pad_where_pooling_padding_cannot_express_
 
 def test_conv5fc3_parameter_gradients_are_those_of_clinicadls_zero_pad():
     torch.manual_seed(0)
-    net = Conv5FC3(input_size=(37, 42, 35))
+    net = Conv5FC3(input_size=(37, 42, 35), fuse_batchnorm_pool=False)  # modules on both sides: bit-identical
     x = torch.randn(3, 1, 37, 42, 35)
     out = net(x)
     out.sum().backward()
@@ -144,26 +149,32 @@ def test_conv5fc3_parameter_gradients_are_those_of_clinicadls_zero_pad():
         assert torch.equal(grads[name], p.grad), name
 
 
+def _training_steps(networks, channels_last):
+    """One forward and backward pass of each network (in training mode) on the same random 3x1x37x42x35 batch."""
+    x = torch.randn(3, 1, 37, 42, 35)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        networks = [n.to(memory_format=torch.channels_last_3d) for n in networks]
+    weights = torch.randn(3, 2)
+    outs = []
+    for net in networks:
+        out = net(x)
+        (out * weights).sum().backward()
+        outs.append(out)
+    return outs
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_conv5fc3_pooling_before_relu_gives_clinicadls_outputs_and_gradients(channels_last):
     torch.manual_seed(0)
     clinicadl = Conv5FC3(input_size=(37, 42, 35), pool_before_relu=0)
-    fast = Conv5FC3(input_size=(37, 42, 35))
+    fast = Conv5FC3(input_size=(37, 42, 35), fuse_batchnorm_pool=False)  # the two modules: bit-identical
     fast.load_state_dict(clinicadl.state_dict())  # the same state dict whatever the order
     assert [type(m).__name__ for m in clinicadl.convolutions[:4]] == ["Conv3d", "BatchNorm3d", "ReLU", "PadMaxPool3d"]
     assert [type(m).__name__ for m in fast.convolutions[:4]] == ["Conv3d", "BatchNorm3d", "PadMaxPool3d", "ReLU"]
     assert type(fast.get_submodule(fast.saliency_layer)).__name__ == "ReLU"  # block 4 keeps ClinicaDL's order
     assert type(fast.convolutions[10]).__name__ == "PadMaxPool3d" and type(fast.convolutions[14]).__name__ == "ReLU"
-    x = torch.randn(3, 1, 37, 42, 35)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-        clinicadl, fast = (n.to(memory_format=torch.channels_last_3d) for n in (clinicadl, fast))
-    weights = torch.randn(3, 2)
-    outs = []
-    for net in (clinicadl, fast):
-        out = net(x)
-        (out * weights).sum().backward()
-        outs.append(out)
+    outs = _training_steps((clinicadl, fast), channels_last)
     assert torch.equal(outs[0], outs[1])
     for (name, p), q in zip(clinicadl.named_parameters(), fast.parameters()):
         assert torch.equal(p.grad, q.grad), name
@@ -265,3 +276,111 @@ def test_new_architectures_export_to_torchscript():
         scripted = torch.jit.script(net)  # what `monai.bundle ckpt_export` does
         with torch.no_grad():
             assert torch.allclose(scripted(x), net(x), atol=1e-5)
+
+
+def _close(actual, expected, what, rtol=1e-5):
+    """Equal within ``rtol`` of the largest magnitude of ``expected`` (sums of many voxels: float rounding)."""
+    scale = float(expected.detach().abs().max()) or 1.0
+    torch.testing.assert_close(actual, expected, rtol=0, atol=rtol * scale, msg=what)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("size", [(9, 10, 11), (8, 12, 6)])
+def test_batchnorm_maxpool3d_matches_batchnorm_then_pooling(channels_last, momentum, size):
+    torch.manual_seed(0)
+    modules = torch.nn.BatchNorm3d(5, momentum=momentum)
+    with torch.no_grad():
+        modules.weight.copy_(torch.tensor([1.5, -0.7, 0.3, -2.0, 1.0]))  # negative scales pool the minimum
+        modules.bias.normal_()
+        modules.running_mean.normal_()
+    fused = copy.deepcopy(modules)
+    y = torch.randn(3, 5, *size) * 2 + 0.5
+    if channels_last:
+        y = y.contiguous(memory_format=torch.channels_last_3d)
+    weights = None
+    results = []
+    for step, norm in enumerate((modules, fused)):
+        x = y.clone().requires_grad_(True)
+        out = PadMaxPool3d()(norm(x)) if step == 0 else batchnorm_maxpool3d(x, norm)
+        weights = torch.randn_like(out) if weights is None else weights
+        (out * weights).sum().backward()
+        results.append((out.detach(), x.grad, norm.weight.grad, norm.bias.grad))
+    assert results[1][0].shape == results[0][0].shape == (3, 5, *((s + 1) // 2 for s in size))
+    for name, actual, expected in zip(("output", "input grad", "weight grad", "bias grad"), results[1], results[0]):
+        _close(actual, expected, name)
+    for name in ("running_mean", "running_var"):
+        _close(fused.get_buffer(name), modules.get_buffer(name), name)
+    assert int(fused.num_batches_tracked) == int(modules.num_batches_tracked) == 1
+    if channels_last:
+        assert results[1][1].is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_batchnorm_maxpool3d_without_affine_parameters_and_its_refusals():
+    torch.manual_seed(1)
+    plain, fused = torch.nn.BatchNorm3d(4, affine=False), torch.nn.BatchNorm3d(4, affine=False)
+    y = torch.randn(2, 4, 6, 7, 5)
+    x1, x2 = y.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    PadMaxPool3d()(plain(x1)).sum().backward()
+    batchnorm_maxpool3d(x2, fused).sum().backward()
+    _close(x2.grad, x1.grad, "input grad")
+    with pytest.raises(ValueError, match="training mode"):
+        batchnorm_maxpool3d(y, fused.eval())
+    with pytest.raises(ValueError, match="training mode"):
+        batchnorm_maxpool3d(y, torch.nn.BatchNorm3d(4, track_running_stats=False))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv5fc3_fused_training_step_matches_the_modules(channels_last):
+    torch.manual_seed(0)
+    modules = Conv5FC3(input_size=(37, 42, 35), fuse_batchnorm_pool=False)
+    with torch.no_grad():
+        modules.convolutions[1].weight[:3] *= -1  # some negative BatchNorm scales in block 1
+    fused = copy.deepcopy(modules)
+    fused.fuse_batchnorm_pool = True
+    outs = _training_steps((modules, fused), channels_last)
+    _close(outs[1], outs[0], "logits")
+    all_grads = torch.cat([p.grad.flatten() for p in modules.parameters()])
+    for (name, p), q in zip(modules.named_parameters(), fused.parameters()):
+        # a convolution's bias before BatchNorm has no effect: its gradient is rounding noise around 0
+        scale = p.grad if p.grad.abs().max() > 1e-3 * all_grads.abs().max() else all_grads
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-4 * float(scale.abs().max()), msg=name)
+    for name, buf in modules.named_buffers():
+        _close(fused.get_buffer(name).float(), buf.float(), name)
+
+
+def test_conv5fc3_takes_the_fused_path_only_where_it_applies(monkeypatch):
+    calls = []
+
+    def counting(y, norm):
+        calls.append(tuple(y.shape))
+        return batchnorm_maxpool3d(y, norm)
+
+    monkeypatch.setattr(scripts.networks, "batchnorm_maxpool3d", counting)
+    torch.manual_seed(0)
+    net = Conv5FC3(input_size=(32, 32, 32))
+    x = torch.randn(2, 1, 32, 32, 32)
+    net(x)
+    assert [shape[1] for shape in calls] == [8, 16, 32]  # blocks 1-3, which pool before their ReLU
+    calls.clear()
+    Conv5FC3(input_size=(32, 32, 32), pool_before_relu=1)(x)
+    assert len(calls) == 1
+    calls.clear()
+    with torch.no_grad():
+        net.eval()(x)
+    assert not calls  # evaluation: BatchNorm's running statistics, the plain module path
+    net.train()
+    seen = []
+    handle = net.convolutions[5].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    net(x)
+    assert len(seen) == 1 and [shape[1] for shape in calls] == [8, 32]  # a hooked block runs its modules
+    handle.remove()
+    calls.clear()
+    Conv5FC3(input_size=(32, 32, 32), fuse_batchnorm_pool=False)(x)
+    assert not calls
+    out = net(MetaTensor(x))  # MONAI's MetaTensor batches keep the module path (and their type)
+    assert not calls and isinstance(out, MetaTensor)
+    out.sum().backward()
+    scripted = torch.jit.script(net.eval())  # TorchScript compiles the module path only
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net(x))

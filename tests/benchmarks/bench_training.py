@@ -12,7 +12,9 @@ settings (the allocator) and caches (torch.compile) do not leak from one row to 
   into a zero-padded tensor). Then the same loop with the bundle's pooling (max pooling's own padding,
   :class:`scripts.networks.PadMaxPool3d`), with the bundle's block order (pooling before the ReLU in
   blocks 1-3, ``Conv5FC3(pool_before_relu=3)``), with :func:`scripts.performance.tune_allocator`, with
-  channels-last 3D memory, and with ``torch.compile``: what the hardware allows without data loading.
+  channels-last 3D memory, with BatchNorm and pooling fused (``Conv5FC3(fuse_batchnorm_pool=True)``,
+  :func:`scripts.networks.batchnorm_maxpool3d`), and with ``torch.compile``: what the hardware allows
+  without data loading.
 - ``bundle``: ``SupervisedTrainer`` of configs/train.yaml as it is (CacheDataset of ``--n`` demo
   images from :mod:`scripts.demo`, synthetic motion in the DataLoader workers, ``num_workers`` and
   micro-batches of the config); validation is switched off (``val_interval`` beyond the last epoch):
@@ -86,11 +88,17 @@ ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("reference + allocator", "reference", {"allocator": True}),
     ("reference + allocator + channels-last", "reference", {"allocator": True, "channels_last": True}),
     (
+        "reference + allocator + channels-last + fused BatchNorm/pooling",
+        "reference",
+        {"allocator": True, "channels_last": True, "fused": True},
+    ),
+    (
         "reference + allocator + channels-last + compile",
         "reference",
         {"allocator": True, "channels_last": True, "compile": True},
     ),
     ("bundle: train.yaml", "bundle", {"profile": True}),
+    ("bundle, BatchNorm/pooling not fused", "bundle", {"unfused": True, "profile": True}),
     ("bundle, 1 DataLoader worker", "bundle", {"workers": 1, "profile": True}),
     ("bundle, motion in the main process (0 workers)", "bundle", {"workers": 0, "profile": True}),
     ("bundle + plain tensors", "bundle", {"plain_tensors": True, "profile": True}),
@@ -146,7 +154,11 @@ def _reference(args: argparse.Namespace, opts: dict[str, bool]) -> dict[str, Any
     images = [torch.randn(min(micro, args.n - i), 1, *shape) for i in range(0, args.n, micro)]
     labels = [torch.randint(0, 2, (len(x),)) for x in images]
     # ClinicaDL's block order (ReLU, then pooling) or the bundle's (pooling first in blocks 1-3: same numbers)
-    network = Conv5FC3(input_size=shape, pool_before_relu=0 if opts.get("relu_first") else 3)
+    network = Conv5FC3(
+        input_size=shape,
+        pool_before_relu=0 if opts.get("relu_first") else 3,
+        fuse_batchnorm_pool=bool(opts.get("fused")),
+    )
     for module in network.convolutions:  # ClinicaDL's pooling: odd dimensions copied into a zero-padded tensor
         if isinstance(module, PadMaxPool3d):
             module.explicit_pad = bool(opts.get("zero_pad"))
@@ -239,6 +251,8 @@ def _bundle(args: argparse.Namespace, opts: dict[str, Any]) -> dict[str, Any]:
     ):
         if on:
             parser.update(overrides)
+    if opts.get("unfused"):  # the fallback: BatchNorm and pooling as two modules in blocks 1-3
+        parser.update({"fuse_batchnorm_pool": False})
     if "workers" in opts:  # the thread layout: motion workers beside the training threads on the same cores
         parser.update({"num_workers": int(opts["workers"])})
     parser.get_parsed_content("initialize")
