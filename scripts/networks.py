@@ -49,9 +49,13 @@ class PadMaxPool3d(nn.Module):
         self.explicit_pad = explicit_pad
         self.pool = Pool[Pool.MAX, 3](kernel_size=kernel_size, stride=stride)
 
+    def low_side_pads(self, spatial: list[int]) -> list[int]:
+        """Voxels missing to a multiple of the stride along each spatial dimension (padded on the low side)."""
+        return [(-size) % self.stride for size in spatial]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pool a (B, C, X, Y, Z) tensor to (B, C, ceil(X/2), ceil(Y/2), ceil(Z/2))."""
-        pads = [(-size) % self.stride for size in x.shape[2:]]  # voxels missing to a multiple of the stride
+        pads = self.low_side_pads(list(x.shape[2:]))
         if not any(pads):
             return self.pool(x)
         # (tracing, e.g. the legacy ONNX exporter, records the sizes as tensors: pooling padding cannot take them)
@@ -90,13 +94,12 @@ class _BatchNormMaxPool3d(torch.autograd.Function):
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else weight * invstd
         shift = -mean * scale if bias is None else bias - mean * scale
-        negative = bool((scale < 0).any())
-        sign = torch.where(scale < 0, -1.0, 1.0).to(y.dtype)  # pool sign * y: the minimum where the scale is < 0
-        pooled, indices = F.max_pool3d(
-            y * _per_channel(sign) if negative else y, 2, 2, padding=padding, return_indices=True
-        )
-        if negative:
-            pooled = pooled * _per_channel(sign)
+        if bool((scale < 0).any()):  # pool sign * y: the minimum of y where the scale is negative
+            sign = _per_channel(torch.where(scale < 0, -1.0, 1.0).to(y.dtype))
+            pooled, indices = F.max_pool3d(y * sign, 2, 2, padding=padding, return_indices=True)
+            pooled = pooled * sign
+        else:
+            pooled, indices = F.max_pool3d(y, 2, 2, padding=padding, return_indices=True)
         out = torch.addcmul(_per_channel(shift), pooled, _per_channel(scale))
         ctx.save_for_backward(y, indices, pooled, mean, invstd, scale)
         ctx.padding = padding
@@ -126,8 +129,9 @@ def _per_channel(values: torch.Tensor) -> torch.Tensor:
     return values.view(1, -1, 1, 1, 1)
 
 
-def batchnorm_maxpool3d(y: torch.Tensor, norm: nn.BatchNorm3d) -> torch.Tensor:
-    """``PadMaxPool3d()(norm(y))`` for a BatchNorm in training mode, fused (see :class:`_BatchNormMaxPool3d`).
+def batchnorm_maxpool3d(y: torch.Tensor, norm: nn.BatchNorm3d, pool: PadMaxPool3d | None = None) -> torch.Tensor:
+    """``pool(norm(y))`` for a BatchNorm in training mode and a 2x2x2 ``PadMaxPool3d`` (the default), fused
+    (see :class:`_BatchNormMaxPool3d`).
 
     Same outputs, gradients (input, weight, bias) and running-statistics update as the two modules, to
     float rounding (PyTorch's own channels-last BatchNorm kernel sums 25 million voxels per channel less
@@ -136,7 +140,7 @@ def batchnorm_maxpool3d(y: torch.Tensor, norm: nn.BatchNorm3d) -> torch.Tensor:
     """
     if not (norm.training and norm.track_running_stats and norm.running_mean is not None):
         raise ValueError("batchnorm_maxpool3d needs a BatchNorm3d in training mode that tracks running statistics.")
-    padding = tuple((-size) % 2 for size in y.shape[2:])
+    padding = tuple((pool or PadMaxPool3d()).low_side_pads(list(y.shape[2:])))
     out, mean, var = _BatchNormMaxPool3d.apply(y, norm.weight, norm.bias, norm.eps, padding)
     with torch.no_grad():
         norm.num_batches_tracked.add_(1)
@@ -266,7 +270,7 @@ class Conv5FC3(nn.Module):
             conv, norm, third, fourth = layers[4 * block : 4 * block + 4]
             x = conv(x)
             if block < self.pool_before_relu and _fusible(norm, third):
-                x = fourth(batchnorm_maxpool3d(x, norm))
+                x = fourth(batchnorm_maxpool3d(x, norm, third))
             else:
                 x = fourth(third(norm(x)))
         return x

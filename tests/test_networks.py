@@ -352,9 +352,9 @@ def test_conv5fc3_fused_training_step_matches_the_modules(channels_last):
 def test_conv5fc3_takes_the_fused_path_only_where_it_applies(monkeypatch):
     calls = []
 
-    def counting(y, norm):
+    def counting(y, norm, pool=None):
         calls.append(tuple(y.shape))
-        return batchnorm_maxpool3d(y, norm)
+        return batchnorm_maxpool3d(y, norm, pool)
 
     monkeypatch.setattr(scripts.networks, "batchnorm_maxpool3d", counting)
     torch.manual_seed(0)

@@ -80,6 +80,8 @@ FAST_PATH: dict[str, Any] = {
 PERSISTENT_WORKERS: dict[str, Any] = {"train#dataloader#persistent_workers": "$@num_workers > 0"}
 #: MONAI's SupervisedTrainer compiles the network with torch.compile (needs the plain tensors of FAST_PATH)
 COMPILE: dict[str, Any] = {"train#trainer#compile": True}
+#: the fallback: BatchNorm and pooling of Conv5FC3's blocks 1-3 as two modules (train.yaml fuses them)
+UNFUSED: dict[str, Any] = {"fuse_batchnorm_pool": False}
 
 ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("reference: eager PyTorch", "reference", {"zero_pad": True, "relu_first": True}),
@@ -248,11 +250,10 @@ def _bundle(args: argparse.Namespace, opts: dict[str, Any]) -> dict[str, Any]:
         (FAST_PATH, opts.get("fast")),
         (PERSISTENT_WORKERS, opts.get("persistent")),
         (COMPILE, opts.get("compile")),
+        (UNFUSED, opts.get("unfused")),
     ):
         if on:
             parser.update(overrides)
-    if opts.get("unfused"):  # the fallback: BatchNorm and pooling as two modules in blocks 1-3
-        parser.update({"fuse_batchnorm_pool": False})
     if "workers" in opts:  # the thread layout: motion workers beside the training threads on the same cores
         parser.update({"num_workers": int(opts["workers"])})
     parser.get_parsed_content("initialize")
