@@ -151,6 +151,8 @@ def main() -> None:
             for scan in sorted(t1_scans.rglob("*.nii.gz")):
                 (t1 / f"r{k}_{scan.name}").symlink_to(scan)
     cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[: args.cores])
+    import torch  # the instruction set oneDNN and ATen use here (AVX2, AVX512...): timings differ between machines
+
     configs = [  # mode, label, input, saliency, workers, batch, fast path
         ("reference", "MONAI evaluator, t1-linear", t1, "none", 2, 1, 0),
         ("qc", "qc t1-linear, no pictures, plain", t1, "none", 2, 1, 0),
@@ -161,7 +163,8 @@ def main() -> None:
     ]
     if not args.skip_raw:
         configs.append(("qc", "qc raw (T1Linear), Grad-CAM + thumbnails, fast", raw, "gradcam", 2, 1, 1))
-    print(f"CPU cores: {args.cores} (taskset {cpus}); torch threads {args.cores}; {args.voxel_size:g} mm grid; "
+    print(f"CPU cores: {args.cores} (taskset {cpus}, {torch.backends.cpu.get_cpu_capability()}); "
+          f"torch threads {args.cores}; {args.voxel_size:g} mm grid; "
           f"inputs in {work}")
     print(f"{'configuration':48s} {'scans':>5s} {'seconds':>8s} {'scans/s':>8s} {'steady/s':>8s} {'main MB':>8s} "
           f"{'worker MB':>9s} {'max |dp| vs plain':>17s}")

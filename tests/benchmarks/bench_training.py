@@ -368,7 +368,8 @@ def main() -> None:
     cfg = _train_config()
     datalist = _prepare(work, args.n, args.voxel_size)
     print(
-        f"CPU: {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"CPU: {_cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"images 1x{'x'.join(map(str, shape))} ({args.voxel_size:g} mm), "
         f"{args.n} per epoch, micro-batch {cfg['micro_batch_size']}, batch {cfg['batch_size']}, "
         f"num_workers {cfg['num_workers']}; 1 warm-up + {args.repeats} timed epoch(s) per row; inputs in {work}"
