@@ -214,25 +214,61 @@ class TrainingCheckpoint:
     iteration count so that a resumed run does not replay the random draws of the first one, and
     the optimizer keeps the learning rates of the current config (a restart can change them).
 
+    With ``snapshot_interval``, the network state alone (``save_dict[snapshot_key]``) is also kept every
+    ``snapshot_interval`` iterations as ``snapshot_dir/it000480.pt`` (a plain state dict, written atomically;
+    a resumed run that reaches that iteration again replaces it): the checkpoints that
+    ``python -m scripts.averaging`` averages. Each is the size of the
+    network (170 MB for Conv5FC3 in float32), so they are off by default.
+
     Args:
         path: checkpoint file (e.g. ``runs/pretrain/last.pt``).
         save_dict: objects to save and restore.
         interval: iterations between saves (and one at the end of every epoch).
         seed: base seed for the reseeding after a load.
+        snapshot_interval: iterations between kept snapshots of the network (0: none).
+        snapshot_dir: where the snapshots go (default: ``snapshots/`` beside ``path``).
+        snapshot_key: the entry of ``save_dict`` that is snapshotted.
     """
 
-    def __init__(self, path: str | os.PathLike, save_dict: dict[str, Any], interval: int = 50, seed: int = 0) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        save_dict: dict[str, Any],
+        interval: int = 50,
+        seed: int = 0,
+        snapshot_interval: int = 0,
+        snapshot_dir: str | os.PathLike | None = None,
+        snapshot_key: str = "model",
+    ) -> None:
         if interval < 1:
             raise ValueError(f"TrainingCheckpoint: interval must be >= 1, got {interval}")
+        if snapshot_interval < 0:
+            raise ValueError(f"TrainingCheckpoint: snapshot_interval must be >= 0, got {snapshot_interval}")
+        if snapshot_interval and snapshot_key not in save_dict:
+            raise ValueError(
+                f"TrainingCheckpoint: snapshot_key {snapshot_key!r} is not in save_dict {sorted(save_dict)}"
+            )
         self.path = Path(path)
         self.save_dict = save_dict
         self.interval = int(interval)
         self.seed = int(seed)
+        self.snapshot_interval = int(snapshot_interval)
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else self.path.parent / "snapshots"
+        self.snapshot_key = snapshot_key
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self.save)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+        if self.snapshot_interval:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.snapshot_interval), self.snapshot)
+
+    def snapshot(self, engine: Engine) -> Path:
+        """Keep the network state of this iteration as ``snapshot_dir/it<iteration>.pt``."""
+        self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        state = self.save_dict[self.snapshot_key].state_dict()
+        target = self.snapshot_dir / f"it{engine.state.iteration:06d}.pt"
+        return atomic_write(target, lambda tmp: torch.save(state, tmp))
 
     def save(self, engine: Engine | None = None) -> Path:
         state = {name: obj.state_dict() for name, obj in self.save_dict.items()}
