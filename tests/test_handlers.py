@@ -81,12 +81,17 @@ def _trainer(net, opt, data_seed=0):
     return Engine(step)
 
 
-def test_training_checkpoint_resumes_where_it_stopped(tmp_path):
+def _linear_run():
+    """Five batches, a seeded linear network, Adam and its trainer."""
     data = [torch.randn(2, 3) for _ in range(5)]
     torch.manual_seed(0)
     net = torch.nn.Linear(3, 1)
     opt = torch.optim.Adam(net.parameters(), lr=0.1)
-    trainer = _trainer(net, opt)
+    return data, net, opt, _trainer(net, opt)
+
+
+def test_training_checkpoint_resumes_where_it_stopped(tmp_path):
+    data, net, opt, trainer = _linear_run()
     ckpt = TrainingCheckpoint(tmp_path / "last.pt", {"trainer": trainer, "model": net, "optimizer": opt}, interval=2)
     ckpt.attach(trainer)
     trainer.run(data, max_epochs=2)
@@ -109,11 +114,7 @@ def test_training_checkpoint_resumes_where_it_stopped(tmp_path):
 
 
 def test_training_checkpoint_keeps_network_snapshots(tmp_path):
-    data = [torch.randn(2, 3) for _ in range(5)]
-    torch.manual_seed(0)
-    net = torch.nn.Linear(3, 1)
-    opt = torch.optim.Adam(net.parameters(), lr=0.1)
-    trainer = _trainer(net, opt)
+    data, net, opt, trainer = _linear_run()
     weights = {}
     trainer.add_event_handler(
         Events.ITERATION_COMPLETED, lambda e: weights.update({e.state.iteration: net.weight.clone()})
