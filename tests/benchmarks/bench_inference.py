@@ -141,7 +141,8 @@ def main() -> None:
     if args.one:
         _one(args)
         return
-    work = Path(args.work or tempfile.mkdtemp(prefix="bench_inference_"))
+    # absolute: the repeated scans are symbolic links, which a relative --work would leave dangling
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_inference_")).resolve()
     t1_scans, raw, bundle = _prepare(work, args.n, 0 if args.skip_raw else args.raw, args.voxel_size)
     # each scan listed --repeat times (symlinks): a longer run
     t1 = work / f"t1_linear_{args.voxel_size:g}mm_x{args.repeat}"
