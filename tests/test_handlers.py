@@ -2,10 +2,12 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from ignite.engine import Engine, Events
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
 from scripts.handlers import LearningCurve, PredictionWriter, TrainingCheckpoint, stack_output
@@ -169,10 +171,6 @@ def test_learning_curve_rows(tmp_path):
 
 
 def test_pretrain_overlay_passes_snapshot_interval_to_the_checkpoint():
-    from pathlib import Path
-
-    from monai.bundle import ConfigParser
-
     configs = Path(__file__).resolve().parents[1] / "configs"
     parser = ConfigParser()
     parser.read_config([str(configs / "train.yaml"), str(configs / "pretrain.yaml")])

@@ -30,6 +30,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,6 +74,23 @@ def generate(cache_dir: Path, specs: dict[str, dict], voxel_size: float) -> dict
         )
         print(f"  {name}: {time.perf_counter() - t0:.0f} s", flush=True)
     return paths
+
+
+def load_detector(ckpt: str | Path, spatial_size: list[int]) -> tuple[torch.nn.Module, Any]:
+    """configs/inference.yaml's network (weights from ``ckpt``: a state dict or a training checkpoint's
+    ``model``; float32, evaluation mode, channels-last) and its preprocessing, for inputs of ``spatial_size``."""
+    from monai.bundle import ConfigParser
+
+    from scripts.performance import channels_last
+
+    config = ConfigParser()
+    config.read_config(str(ROOT / "configs" / "inference.yaml"))
+    config["spatial_size"] = list(spatial_size)
+    config["bundle_root"] = str(ROOT)
+    network = config.get_parsed_content("network_def")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    network.load_state_dict(state["model"] if "model" in state else state)
+    return channels_last(network.float().eval()), config.get_parsed_content("preprocessing")
 
 
 @torch.no_grad()
@@ -130,9 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flip", action="store_true", help="average each probability with the mirrored image's")
     args = parser.parse_args(argv)
 
-    from monai.bundle import ConfigParser
-
-    from scripts.performance import channels_last, tune_allocator
+    from scripts.performance import tune_allocator
 
     tune_allocator()
     specs = set_specs(args.n, args.n_small)
@@ -145,16 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         threshold = read_threshold(shipped if shipped.is_file() else None, 0.5)
     else:
         threshold = read_threshold(args.threshold) if args.threshold.endswith(".json") else float(args.threshold)
-    config = ConfigParser()
-    config.read_config(str(ROOT / "configs" / "inference.yaml"))
     size = [int(e / args.voxel_size + 1e-6) + 1 for e in (168.0, 207.0, 178.0)]
-    config["spatial_size"] = size
-    config["bundle_root"] = str(ROOT)
-    network = config.get_parsed_content("network_def")
-    state = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-    network.load_state_dict(state.get("model", state) if "model" in state else state)
-    network = channels_last(network.float().eval())
-    preprocessing = config.get_parsed_content("preprocessing")
+    network, preprocessing = load_detector(args.ckpt, size)
 
     rows, pooled_y, pooled_p = [], [], []
     for name, path in paths.items():

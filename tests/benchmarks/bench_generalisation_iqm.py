@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_generalisation import MAIN_SETS, SEVERITIES, score, set_specs  # noqa: E402
+from bench_generalisation import MAIN_SETS, SEVERITIES, load_detector, score, set_specs  # noqa: E402
 
 from scripts.datalist import load_datalist  # noqa: E402
 from scripts.iqm import DEFAULT_IQMS, load_volume, volume_iqms  # noqa: E402
-from scripts.metrics import binary_metrics, read_threshold  # noqa: E402
+from scripts.metrics import binary_metrics, choose_threshold, read_threshold  # noqa: E402
 
 _TRAIN_SEED = 700_000  # far from the training's, the validation's and the held-out sets' seeds
 
@@ -50,9 +50,8 @@ def _iqms(path: str) -> dict[str, float]:
 def features(args: argparse.Namespace) -> dict[str, Path]:
     """Probability and IQMs of every image of the training and held-out sets, cached as JSON."""
     import yaml
-    from monai.bundle import ConfigParser
 
-    from scripts.performance import channels_last, tune_allocator
+    from scripts.performance import tune_allocator
     from scripts.synthetic_heads import make_synthetic_dataset
 
     tune_allocator()
@@ -72,14 +71,7 @@ def features(args: argparse.Namespace) -> dict[str, Path]:
     sets = {"pretrain_validation": (Path(args.validation), "validation"), "train_heads": (generated, "test")}
     for name in set_specs(args.n, args.n_small):
         sets[name] = (Path(args.cache_dir) / f"{name}_vs1" / "datalist.json", "test")
-    config = ConfigParser()
-    config.read_config(str(ROOT / "configs" / "inference.yaml"))
-    config["spatial_size"] = [169, 208, 179]
-    config["bundle_root"] = str(ROOT)
-    network = config.get_parsed_content("network_def")
-    network.load_state_dict(torch.load(args.ckpt, map_location="cpu", weights_only=True))
-    network = channels_last(network.float().eval())
-    preprocessing = config.get_parsed_content("preprocessing")
+    network, preprocessing = load_detector(args.ckpt, [169, 208, 179])
     out = {}
     with get_context("fork").Pool(2) as pool:
         for name, (datalist, key) in sets.items():
@@ -108,7 +100,7 @@ def table(args: argparse.Namespace, paths: dict[str, Path]) -> None:
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.impute import SimpleImputer
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -141,8 +133,7 @@ def table(args: argparse.Namespace, paths: dict[str, Path]) -> None:
         x = _matrix(train, kind)
         folds = StratifiedKFold(5, shuffle=True, random_state=0)
         oof = cross_val_predict(make(), x, y_train, cv=folds, method="predict_proba")[:, 1]
-        fpr, tpr, cuts = roc_curve(y_train, oof)
-        threshold = float(cuts[np.argmax(tpr - fpr)])
+        threshold = float(choose_threshold(y_train, oof, method="youden")["threshold"])
         model = make().fit(x, y_train)
         columns[f"{label} (threshold {threshold:.3f})"] = {
             s: model.predict_proba(_matrix(rows[s], kind))[:, 1] for s in sets
