@@ -43,6 +43,8 @@ from scripts.metrics import binary_metrics, read_threshold  # noqa: E402
 from scripts.synthetic_heads import NUISANCES, make_synthetic_dataset  # noqa: E402
 
 SEVERITIES = (0.5, 1.0, 2.0, 4.0, 8.0)
+# bins of the drawn severity (``level``) of the main sets' moved images, each scored against all their clean ones
+LEVEL_BINS = ((0.0, 1.5), (1.5, 3.0), (3.0, 6.0), (6.0, math.inf))
 MAIN_SETS = ("in_distribution", "anatomy_heldout", "contrast_heldout", "torchio_motion")
 _SEED = 900_000  # far from the training's seeds (0..) and the validation set's (seed + 100)
 
@@ -129,6 +131,20 @@ def _row(name: str, y: np.ndarray, p: np.ndarray, threshold: float, seconds: flo
     }
 
 
+def level_rows(y: np.ndarray, p: np.ndarray, level: np.ndarray, threshold: float) -> list[dict]:
+    """Rows of the pooled main sets by drawn severity: the moved images whose ``level`` falls in each bin of
+    :data:`LEVEL_BINS` against every clean image (AUC and specificity therefore share the clean images)."""
+    rows = []
+    for low, high in LEVEL_BINS:
+        moved = (y == 1) & (level >= low) & (level < high)
+        if not moved.any():
+            continue
+        keep = (y == 0) | moved
+        label = f"{low:g}-{high:g}" if math.isfinite(high) else f">= {low:g}"
+        rows.append(_row(f"main sets, severity {label} vs all clean", y[keep], p[keep], threshold, 0.0))
+    return rows
+
+
 def _fmt(v: float) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
@@ -144,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--voxel_size", type=float, default=1.0)
     parser.add_argument("--cache_dir", default=str(ROOT / "runs" / "heldout"))
     parser.add_argument("--generate_only", action="store_true")
-    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--json", default=None, help="also write the rows and every image's probability here")
     parser.add_argument("--flip", action="store_true", help="average each probability with the mirrored image's")
     args = parser.parse_args(argv)
 
@@ -164,16 +180,23 @@ def main(argv: list[str] | None = None) -> int:
     size = [int(e / args.voxel_size + 1e-6) + 1 for e in (168.0, 207.0, 178.0)]
     network, preprocessing = load_detector(args.ckpt, size)
 
-    rows, pooled_y, pooled_p = [], [], []
+    rows, images, pooled = [], [], {"y": [], "p": [], "level": []}
     for name, path in paths.items():
         t0 = time.perf_counter()
         p, items = score(path, network, preprocessing, flip=args.flip)
         y = np.asarray([int(it["label"]) for it in items])
         rows.append(_row(name, y, p, threshold, time.perf_counter() - t0))
+        images += [
+            {"set": name, "image": it["image"], "label": int(it["label"]), "level": it.get("level"),
+             "simulator": it.get("simulator"), "probability": float(pi)}
+            for it, pi in zip(items, p)
+        ]  # fmt: skip
         if name in MAIN_SETS:
-            pooled_y.append(y)
-            pooled_p.append(p)
-    rows.insert(0, _row("overall (4 main sets)", np.concatenate(pooled_y), np.concatenate(pooled_p), threshold, 0.0))
+            pooled["y"].append(y)
+            pooled["p"].append(p)
+            pooled["level"].append(np.asarray([float(it.get("level") or 0.0) for it in items]))
+    y, p, level = (np.concatenate(pooled[k]) for k in ("y", "p", "level"))
+    rows[0:0] = [_row("overall (4 main sets)", y, p, threshold, 0.0), *level_rows(y, p, level, threshold)]
     flip = ", left-right mirror averaged" if args.flip else ""
     print(f"\ncheckpoint {args.ckpt}, threshold {threshold:g}, voxel size {args.voxel_size:g} mm{flip}")
     print("| set | n (motion) | BA | AUC | sensitivity | specificity | flagged as motion |")
@@ -191,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"ckpt": args.ckpt, "threshold": threshold, "flip": args.flip, "rows": rows}, indent=2)
+            json.dumps(
+                {"ckpt": args.ckpt, "threshold": threshold, "flip": args.flip, "rows": rows, "images": images}, indent=2
+            )
         )
     return 0
 
