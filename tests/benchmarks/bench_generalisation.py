@@ -180,22 +180,26 @@ def main(argv: list[str] | None = None) -> int:
     size = [int(e / args.voxel_size + 1e-6) + 1 for e in (168.0, 207.0, 178.0)]
     network, preprocessing = load_detector(args.ckpt, size)
 
-    rows, images, pooled = [], [], {"y": [], "p": [], "level": []}
+    rows, images = [], []
     for name, path in paths.items():
         t0 = time.perf_counter()
         p, items = score(path, network, preprocessing, flip=args.flip)
         y = np.asarray([int(it["label"]) for it in items])
         rows.append(_row(name, y, p, threshold, time.perf_counter() - t0))
-        images += [
-            {"set": name, "image": it["image"], "label": int(it["label"]), "level": it.get("level"),
-             "simulator": it.get("simulator"), "probability": float(pi)}
-            for it, pi in zip(items, p)
-        ]  # fmt: skip
-        if name in MAIN_SETS:
-            pooled["y"].append(y)
-            pooled["p"].append(p)
-            pooled["level"].append(np.asarray([float(it.get("level") or 0.0) for it in items]))
-    y, p, level = (np.concatenate(pooled[k]) for k in ("y", "p", "level"))
+        for it, pi in zip(items, p):
+            level = float(it.get("level") or 0.0)
+            images.append(
+                {
+                    "set": name,
+                    "image": it["image"],
+                    "label": int(it["label"]),
+                    "level": level,
+                    "simulator": it.get("simulator"),
+                    "probability": float(pi),
+                }
+            )
+    main_images = [r for r in images if r["set"] in MAIN_SETS]
+    y, p, level = (np.asarray([r[k] for r in main_images]) for k in ("label", "probability", "level"))
     rows[0:0] = [_row("overall (4 main sets)", y, p, threshold, 0.0), *level_rows(y, p, level, threshold)]
     flip = ", left-right mirror averaged" if args.flip else ""
     print(f"\ncheckpoint {args.ckpt}, threshold {threshold:g}, voxel size {args.voxel_size:g} mm{flip}")
