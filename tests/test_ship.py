@@ -112,8 +112,8 @@ def test_qc_job_scores_every_demo_scan_clean_or_moved(demo_qc):
 
 
 def test_qc_job_on_demo_scans_with_the_shipped_model(demo_qc):
-    """Out of the box: clean, mildly and severely moved demo scans get the right decisions (the 0.8.0 weights:
-    clean 0.001-0.010, mild 0.093-0.096, severe 0.76 against the threshold 0.359; the 0.3.0 weights failed)."""
+    """Out of the box: clean, mildly and severely moved demo scans get the right decisions (the 0.9.0 weights:
+    clean 0.002-0.017, mild 0.101-0.157, severe 0.92 against the threshold 0.505; the 0.3.0 weights failed)."""
     rows, truth = demo_qc
     by_grade: dict[int, list[dict]] = {0: [], 1: [], 2: []}
     for r in rows:
